@@ -1,0 +1,141 @@
+"""Argument validation for the public API: one place, run before anything is written.
+
+Every error names the parameter, what was given, what is allowed and the fix. The checks are
+ordered cheapest first and allocate nothing proportional to the input.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, NamedTuple
+
+import numpy as np
+
+LAYOUTS = ("NCHW", "NHWC")
+_FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Geometry(NamedTuple):
+    """The shape of a group-norm problem, independent of layout."""
+
+    num_samples: int
+    channels: int
+    spatial: int
+    num_groups: int
+    channels_last: bool
+
+
+def check_input(x: Any) -> np.ndarray:
+    """``x`` as an ndarray of float32 or float64 (array-likes are converted, never copied needlessly)."""
+    if not isinstance(x, np.ndarray):
+        x = np.asarray(x)
+    if x.dtype not in _FLOAT_DTYPES:
+        kind = {"i": "integer", "u": "unsigned integer", "b": "boolean", "c": "complex"}
+        what = kind.get(x.dtype.kind, "non-float") + f" dtype {x.dtype}"
+        fix = "take the real part first (x.real) and then " if x.dtype.kind == "c" else ""
+        raise TypeError(
+            f"x has {what}; nbgn normalizes native float32 or float64 arrays: "
+            f"{fix}convert with x.astype(np.float32) (or np.float64)."
+        )
+    if x.ndim < 2:
+        raise ValueError(
+            f"x has {x.ndim} dimension(s) (shape {x.shape}); group norm needs at least 2, "
+            "(N, C, *spatial) or (N, *spatial, C): add a batch axis with x[None]."
+        )
+    return x
+
+
+def check_geometry(shape: tuple[int, ...], num_groups: Any, layout: Any) -> Geometry:
+    """Validate ``layout`` and ``num_groups`` against ``shape``."""
+    if layout == "NCHW":
+        channels_last = False
+        channels = shape[1]
+        spatial = math.prod(shape[2:])
+    elif layout == "NHWC":
+        channels_last = True
+        channels = shape[-1]
+        spatial = math.prod(shape[1:-1])
+    else:
+        raise ValueError(
+            f"layout must be 'NCHW' (channels first) or 'NHWC' (channels last), got {layout!r}."
+        )
+    if isinstance(num_groups, (bool, np.bool_)):
+        raise TypeError(f"num_groups must be a positive integer, got {num_groups!r}.")
+    try:
+        groups = operator.index(num_groups)
+    except TypeError:
+        raise TypeError(
+            f"num_groups must be a positive integer, got {type(num_groups).__name__} {num_groups!r}."
+        ) from None
+    if groups <= 0:
+        raise ValueError(f"num_groups must be a positive integer, got {groups}.")
+    if channels % groups:
+        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
+        raise ValueError(
+            f"num_groups={groups} does not divide the {channels} channels of x (layout "
+            f"{layout}, shape {shape}); choose one of {divisors}."
+        )
+    return Geometry(shape[0], channels, spatial, groups, channels_last)
+
+
+def check_affine(values: Any, name: str, channels: int, default: float) -> np.ndarray:
+    """``weight`` or ``bias`` as a contiguous float64 array of length C (filled with ``default``)."""
+    if values is None:
+        return np.full(channels, default)
+    array = values if isinstance(values, np.ndarray) else np.asarray(values)
+    if array.dtype.kind != "f":
+        raise TypeError(
+            f"{name} has dtype {array.dtype}; it must be a float array: "
+            f"pass np.asarray({name}, dtype=np.float32)."
+        )
+    if array.shape != (channels,):
+        raise ValueError(
+            f"{name} must have shape ({channels},), one value per channel of x, "
+            f"got shape {array.shape}."
+        )
+    return np.ascontiguousarray(array, dtype=np.float64)
+
+
+def check_eps(eps: Any) -> float:
+    """``eps`` as a finite, non-negative Python float."""
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a real number, got {type(eps).__name__} {eps!r}.") from None
+    if not (value >= 0.0 and math.isfinite(value)):
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}; the usual value is 1e-5.")
+    return value
+
+
+def check_out(out: Any, x: np.ndarray) -> bool:
+    """Validate ``out`` for ``x``; return True when ``out`` is ``x`` itself (in place)."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(
+            f"out must be a numpy.ndarray, got {type(out).__name__}; "
+            "pass out=None to get a new array."
+        )
+    if out.shape != x.shape:
+        raise ValueError(f"out has shape {out.shape}, but x has shape {x.shape}: they must match.")
+    if out.dtype != x.dtype:
+        raise ValueError(
+            f"out has dtype {out.dtype}, but x has dtype {x.dtype}: the output dtype is the "
+            f"input's, so pass out=np.empty_like(x)."
+        )
+    if not out.flags.writeable:
+        raise ValueError("out is read-only; pass a writeable array, or out=None for a new one.")
+    if out is x or _same_memory(out, x):
+        return True
+    if np.may_share_memory(out, x) and np.shares_memory(out, x):
+        raise ValueError(
+            "out overlaps x without being the same array; normalizing would read values it has "
+            "already overwritten. Pass out=x for in place, or a separate array."
+        )
+    return False
+
+
+def _same_memory(a: np.ndarray, b: np.ndarray) -> bool:
+    return (
+        a.__array_interface__["data"][0] == b.__array_interface__["data"][0]
+        and a.strides == b.strides
+    )

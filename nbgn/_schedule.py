@@ -1,0 +1,34 @@
+"""How to split a group norm across threads: one decision, made from the shape alone.
+
+The unit of work is a (sample, group) *slab* for NCHW and a *sample* for NHWC: the fused kernels give
+each unit to one thread, which reads it once for the moments and normalizes it while it is still in
+its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and from memory.
+
+When there are fewer units than threads (one image at inference, one group), or so few that the
+threads would finish unevenly, each unit is split into ``num_parts`` parts: a parallel pass computes
+the parts' moments, they are merged exactly (Chan), and a second parallel pass normalizes each part
+in reverse, so that what the first pass left in the caches is reused. Parts smaller than
+``MIN_PART_ELEMENTS`` are not worth a thread.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Below this many elements a part costs more in scheduling than it saves in parallelism.
+MIN_PART_ELEMENTS = 1 << 15
+
+#: With at least this many units per thread, uneven finishing costs at most ~1/8 of a unit each.
+BALANCED_UNITS_PER_THREAD = 4
+
+
+def num_parts(units: int, unit_elements: int, threads: int) -> int:
+    """How many parts to split each of ``units`` work units of ``unit_elements`` elements into.
+
+    1 means the fused, one-thread-per-unit kernel.
+    """
+    if threads <= 1 or units >= BALANCED_UNITS_PER_THREAD * threads or units % threads == 0:
+        return 1
+    wanted = threads // math.gcd(units, threads)
+    affordable = unit_elements // MIN_PART_ELEMENTS
+    return max(1, min(wanted, affordable))

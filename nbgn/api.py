@@ -1,0 +1,192 @@
+"""The public functions: validate, choose a memory order and a schedule, call a kernel."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numba
+import numpy as np
+
+from . import _schedule, _threading
+from ._checks import Geometry, check_affine, check_eps, check_geometry, check_input, check_out
+from .kernels import moments, nchw, nhwc
+
+__all__ = ["group_moments", "group_norm"]
+
+
+def group_norm(
+    x: Any,
+    num_groups: int,
+    weight: Any = None,
+    bias: Any = None,
+    *,
+    eps: float = 1e-5,
+    layout: str = "NCHW",
+    out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Group normalization: ``y = (x - mean) / sqrt(var + eps) * weight + bias``.
+
+    The mean and the population variance are taken per sample and per group of
+    ``C // num_groups`` consecutive channels, over those channels and every spatial position, in a
+    single pass over ``x`` that stays exact for data far from zero.
+
+    Parameters
+    ----------
+    x : array_like of float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
+        The input; any number of spatial dimensions, zero included, and any strides.
+    num_groups : int
+        Number of groups; must divide C.
+    weight, bias : array_like of float, shape (C,), optional
+        Per-channel scale and shift applied after normalization (default 1 and 0).
+    eps : float, default 1e-5
+        Added to the variance; must be >= 0.
+    layout : {"NCHW", "NHWC"}, default "NCHW"
+        Where the channel axis is: second (channels first) or last (channels last). The memory
+        order may be either: a channels-first view of channels-last memory runs at full speed.
+    out : ndarray, optional
+        Where to write the result: same shape and dtype as ``x``. ``out=x`` normalizes in place.
+
+    Returns
+    -------
+    ndarray
+        ``out`` if given, else a new array with the shape, dtype and memory order of ``x``.
+
+    Raises
+    ------
+    TypeError
+        ``x`` is not float32/float64, ``weight``/``bias`` are not float, ``out`` is not an ndarray.
+    ValueError
+        Bad ``num_groups``, ``layout``, ``eps``, shapes, a read-only ``out``, or an ``out`` that
+        overlaps ``x`` without being ``x``. Raised before anything is written.
+    """
+    x = check_input(x)
+    geometry = check_geometry(x.shape, num_groups, layout)
+    weight64 = check_affine(weight, "weight", geometry.channels, 1.0)
+    bias64 = check_affine(bias, "bias", geometry.channels, 0.0)
+    eps = check_eps(eps)
+    in_place = out is not None and check_out(out, x)
+    if x.size == 0:
+        return np.empty_like(x) if out is None else out
+
+    channels_last = _kernel_order(x, geometry)
+    if channels_last is None:
+        # No memory order fits the kernels: work on a contiguous copy, then write the result out.
+        source = np.ascontiguousarray(x)
+        result = _run(source, None, geometry, geometry.channels_last, weight64, bias64, eps)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+
+    if in_place:
+        return _run(out, None, geometry, channels_last, weight64, bias64, eps)
+    if out is None:
+        result = _empty_in_order(x, geometry, channels_last)
+        return _run(x, result, geometry, channels_last, weight64, bias64, eps)
+    if _kernel_order(out, geometry) is channels_last:
+        return _run(x, out, geometry, channels_last, weight64, bias64, eps)
+    out[...] = _run(x, _empty_in_order(x, geometry, channels_last), geometry, channels_last,
+                    weight64, bias64, eps)  # fmt: skip
+    return out
+
+
+def group_moments(
+    x: Any, num_groups: int, *, layout: str = "NCHW"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample, per-group mean and population variance (ddof=0), in one pass over ``x``.
+
+    Parameters
+    ----------
+    x : array_like of float32 or float64, shape (N, C, *spatial) or (N, *spatial, C)
+    num_groups : int
+        Number of groups; must divide C.
+    layout : {"NCHW", "NHWC"}, default "NCHW"
+
+    Returns
+    -------
+    mean, var : float64 ndarrays, shape (N, num_groups)
+        NaN for groups with no elements (an empty spatial dimension).
+    """
+    x = check_input(x)
+    geometry = check_geometry(x.shape, num_groups, layout)
+    shape = (geometry.num_samples, geometry.num_groups)
+    if x.size == 0:
+        return np.full(shape, np.nan), np.full(shape, np.nan)
+    channels_last = _kernel_order(x, geometry)
+    if channels_last is None:
+        x = np.ascontiguousarray(x)
+        channels_last = geometry.channels_last
+    flat = _flat(x, geometry, channels_last)
+    parts = _parts(geometry, channels_last)
+    with _threading.kernel_guard():
+        partial, refs = _partial_moments(flat, geometry, channels_last, parts)
+        mean, var = moments.finish_moments(partial, refs, parts)
+    return mean.reshape(shape), var.reshape(shape)
+
+
+def _kernel_order(array: np.ndarray, geometry: Geometry) -> bool | None:
+    """True/False if ``array``'s memory is C-contiguous channels last/first; None if neither.
+
+    The layout's own order is tried first; the other one catches e.g. an NCHW-shaped view of
+    channels-last memory (PyTorch's ``channels_last``), which the NHWC kernel handles in place.
+    """
+    if array.flags.c_contiguous:
+        return geometry.channels_last
+    other = np.moveaxis(array, 1, -1) if not geometry.channels_last else np.moveaxis(array, -1, 1)
+    if other.flags.c_contiguous:
+        return not geometry.channels_last
+    return None
+
+
+def _flat(array: np.ndarray, geometry: Geometry, channels_last: bool) -> np.ndarray:
+    """The 1-D view of ``array``'s buffer in kernel order (``array`` is contiguous in that order)."""
+    if channels_last != geometry.channels_last:
+        axes = (1, -1) if channels_last else (-1, 1)
+        array = np.moveaxis(array, *axes)
+    return array.reshape(-1)
+
+
+def _empty_in_order(x: np.ndarray, geometry: Geometry, channels_last: bool) -> np.ndarray:
+    """A new array shaped like ``x`` whose memory is contiguous in the kernels' order."""
+    if channels_last == geometry.channels_last:
+        return np.empty(x.shape, x.dtype)
+    axes = (1, -1) if channels_last else (-1, 1)
+    return np.moveaxis(np.empty(np.moveaxis(x, *axes).shape, x.dtype), *axes[::-1])
+
+
+def _parts(geometry: Geometry, channels_last: bool) -> int:
+    n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
+    threads = numba.get_num_threads()
+    if channels_last:
+        return _schedule.num_parts(n, s * c, threads)
+    return _schedule.num_parts(n * g, (c // g) * s, threads)
+
+
+def _partial_moments(flat, geometry, channels_last, parts):
+    n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
+    if channels_last:
+        return nhwc.partial_moments(flat, n, s, c, g, parts)
+    return nchw.partial_moments(flat, n, c, s, g, parts)
+
+
+def _run(x, out, geometry, channels_last, weight, bias, eps):
+    """Normalize ``x`` into ``out`` (``None``: in place); both contiguous in the kernels' order."""
+    n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
+    source = _flat(x, geometry, channels_last)
+    target = None if out is None else _flat(out, geometry, channels_last)
+    parts = _parts(geometry, channels_last)
+    with _threading.kernel_guard():
+        if parts == 1 and channels_last:
+            nhwc.group_norm_fused(source, target, n, s, c, g, weight, bias, eps)
+        elif parts == 1:
+            nchw.group_norm_fused(source, target, n, c, s, g, weight, bias, eps)
+        else:
+            partial, refs = _partial_moments(source, geometry, channels_last, parts)
+            coefficients = moments.channel_coefficients(
+                partial, refs, parts, c, g, weight, bias, eps, source
+            )
+            if channels_last:
+                nhwc.apply_parts(source, target, coefficients, s, c, parts)
+            else:
+                nchw.apply_parts(source, target, coefficients, s, (c // g) * s, parts)
+    return x if out is None else out

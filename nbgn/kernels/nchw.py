@@ -1,0 +1,112 @@
+"""Channels-first kernels: ``x`` is the flat C-contiguous buffer of an ``(N, C, spatial)`` array.
+
+A (sample, group) pair owns one contiguous *slab* of ``channels_per_group * spatial`` elements, and
+its channels are consecutive runs of ``spatial`` elements inside it. Every kernel takes ``out=None``
+to write in place: Numba compiles that case separately with a single array, so the normalization
+loop has no runtime alias check between input and output.
+
+Bytes moved per element (``b`` = itemsize): ``fused`` reads the slab once for the moments and
+normalizes it while it is still in L2, so it moves ``2b`` to and from memory when the slab fits in L2
+and up to ``3b`` when it does not (reversed normalization keeps what the caches hold useful).
+"""
+
+import numba
+import numpy as np
+
+from .moments import (
+    apply_reversed,
+    contiguous_moments,
+    finalize_group,
+    fold_channel,
+    part_bounds,
+)
+
+
+@numba.njit(cache=True, parallel=True)
+def group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps):
+    """Normalize every slab in one parallel loop: moments, then normalization from cache.
+
+    Parameters
+    ----------
+    x : float32 or float64 array, shape (N * C * spatial,), C-contiguous
+    out : array like ``x``, or None to normalize ``x`` in place
+    weight, bias : float64 arrays, shape (C,)
+    """
+    channels_per_group = channels // num_groups
+    slab_length = channels_per_group * spatial
+    num_slabs = num_samples * num_groups
+    stats = np.zeros((num_slabs, 3))
+    coefficients = np.empty((num_samples * channels, 3), x.dtype)
+    for slab in numba.prange(num_slabs):
+        slab_start = slab * slab_length
+        ref = np.float64(x[slab_start])
+        contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, slab)
+        mean_hi, mean_lo, _, rstd = finalize_group(
+            ref, stats[slab, 0], stats[slab, 1], stats[slab, 2], eps
+        )
+        first_channel = (slab % num_groups) * channels_per_group
+        for k in range(channels_per_group - 1, -1, -1):
+            row = slab * channels_per_group + k
+            channel = first_channel + k
+            fold_channel(coefficients, row, mean_hi, mean_lo, rstd, weight[channel], bias[channel])
+            apply_reversed(
+                x,
+                out,
+                row * spatial,
+                (row + 1) * spatial,
+                coefficients[row, 0],
+                coefficients[row, 1],
+                coefficients[row, 2],
+            )
+
+
+@numba.njit(cache=True, parallel=True)
+def partial_moments(x, num_samples, channels, spatial, num_groups, num_parts):
+    """Moments of ``num_parts`` pieces of every slab, for when slabs are fewer than threads.
+
+    Returns
+    -------
+    partial : float64 array, shape (N * num_groups * num_parts, 3)
+        ``(count, offset, m2)`` of each piece, offsets about the slab's first element.
+    refs : float64 array, shape (N * num_groups,)
+        The slab's first element, the reference of its offsets.
+    """
+    slab_length = (channels // num_groups) * spatial
+    num_slabs = num_samples * num_groups
+    partial = np.zeros((num_slabs * num_parts, 3))
+    refs = np.empty(num_slabs)
+    for slab in range(num_slabs):
+        refs[slab] = x[slab * slab_length]
+    for item in numba.prange(num_slabs * num_parts):
+        slab = item // num_parts
+        start, stop = part_bounds(slab_length, num_parts, item % num_parts)
+        slab_start = slab * slab_length
+        contiguous_moments(x, slab_start + start, slab_start + stop, refs[slab], partial, item)
+    return partial, refs
+
+
+@numba.njit(cache=True, parallel=True)
+def apply_parts(x, out, coefficients, spatial, slab_length, num_parts):
+    """Normalize ``num_parts`` pieces of every slab in parallel, with per-channel coefficients.
+
+    ``coefficients`` has one ``(center, scale, shift)`` row per (sample, channel); the flat index
+    ``i`` belongs to row ``i // spatial``.
+    """
+    num_slabs = x.shape[0] // slab_length
+    for item in numba.prange(num_slabs * num_parts):
+        slab_start = (item // num_parts) * slab_length
+        start, stop = part_bounds(slab_length, num_parts, item % num_parts)
+        segment_stop = slab_start + stop
+        while segment_stop > slab_start + start:
+            row = (segment_stop - 1) // spatial
+            segment_start = max(slab_start + start, row * spatial)
+            apply_reversed(
+                x,
+                out,
+                segment_start,
+                segment_stop,
+                coefficients[row, 0],
+                coefficients[row, 1],
+                coefficients[row, 2],
+            )
+            segment_stop = segment_start
