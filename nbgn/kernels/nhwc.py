@@ -122,12 +122,22 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
             x[i] = value
         else:
             out[i] = value
-    for r in range(full_rows - 1, -1, -1):
-        row_start = sample_start + (first_position + r * positions_per_row) * channels
-        source = x[row_start : row_start + lanes]
-        target = source if out is None else out[row_start : row_start + lanes]
+    # Four rows per sweep share each load of the lane coefficients.
+    first_row_start = sample_start + first_position * channels
+    for r in range(full_rows - 1, full_rows - 1 - full_rows % 4, -1):
+        source = x[first_row_start + r * lanes : first_row_start + (r + 1) * lanes]
+        target = source if out is None else out[first_row_start + r * lanes :]
         for j in range(lanes):
             target[j] = (source[j] - center[j]) * scale[j] + shift[j]
+    for r in range(full_rows - full_rows % 4 - 4, -1, -4):
+        source = x[first_row_start + r * lanes : first_row_start + (r + 4) * lanes]
+        target = source if out is None else out[first_row_start + r * lanes :]
+        for j in range(lanes):
+            c, a, b = center[j], scale[j], shift[j]
+            target[j] = (source[j] - c) * a + b
+            target[lanes + j] = (source[lanes + j] - c) * a + b
+            target[2 * lanes + j] = (source[2 * lanes + j] - c) * a + b
+            target[3 * lanes + j] = (source[3 * lanes + j] - c) * a + b
 
 
 @numba.njit(cache=True, parallel=True)
