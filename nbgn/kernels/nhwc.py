@@ -31,113 +31,171 @@ def lane_positions(channels):
     return max(1, MIN_LANES // channels)
 
 
+@numba.njit(inline="always")
+def begin_chunk(x, chunk_start, width, channels_per_group, lane_group, group_pivot, lanes):
+    """Take each group's pivot from the chunk's first position; clear the lane sums.
+
+    ``lanes`` rows: 0 the lane's pivot (its group's), 1 and 2 the shifted sums of its values.
+    """
+    for g in range(group_pivot.size):
+        group_pivot[g] = x[chunk_start + g * channels_per_group]
+    for j in range(width):
+        lanes[0, j] = group_pivot[lane_group[j]]
+        lanes[1, j] = 0.0
+        lanes[2, j] = 0.0
+
+
+@numba.njit(inline="always")
+def accumulate_rows(x, start, width, rows, lanes):
+    """Add ``rows`` consecutive rows of ``width`` values, from ``x[start]``, to the lane sums."""
+    for r in range(rows):
+        row = x[start + r * width : start + (r + 1) * width]
+        for j in range(width):
+            d = np.float64(row[j]) - lanes[0, j]
+            lanes[1, j] += d
+            lanes[2, j] += d * d
+
+
+@numba.njit(inline="always")
+def end_chunk(x, sample_start, width, group_count, channels_per_group, lane_group, group_pivot,
+              lanes, stats):  # fmt: skip
+    """Add the lane sums up per group and merge each group's chunk into ``stats``."""
+    num_groups = group_pivot.size
+    group_sums = np.zeros((2, num_groups))
+    for j in range(width):
+        group_sums[0, lane_group[j]] += lanes[1, j]
+        group_sums[1, lane_group[j]] += lanes[2, j]
+    for g in range(num_groups):
+        ref = np.float64(x[sample_start + g * channels_per_group])
+        merge_shifted_sums(
+            stats, g, group_count, group_sums[0, g], group_sums[1, g], group_pivot[g], ref
+        )
+
+
 @numba.njit(cache=True)
 def sample_moments(x, sample_start, first_position, stop_position, channels, num_groups, stats):
     """Merge the moments of positions ``[first_position, stop_position)`` of one sample.
 
     ``stats[g]`` receives group ``g``'s ``(count, offset, m2)``, offsets about the sample's first
     value of that group, ``x[sample_start + g * channels_per_group]``.
+
+    The lane sums live in memory, so each sweep adds four rows to them at once. The four rows come
+    from the four quarters of the range: four long sequential streams that the hardware
+    prefetchers follow (four adjacent rows would be four streams of a few lines each, which they
+    do not, and the loop would wait on memory).
     """
     channels_per_group = channels // num_groups
     positions_per_row = lane_positions(channels)
-    lanes = positions_per_row * channels
-    lane_group = np.empty(lanes, np.int64)
-    for j in range(lanes):
+    width = positions_per_row * channels
+    lane_group = np.empty(width, np.int64)
+    for j in range(width):
         lane_group[j] = (j % channels) // channels_per_group
-    lane_pivot = np.empty(lanes)
-    lane_s1 = np.empty(lanes)
-    lane_s2 = np.empty(lanes)
+    lanes = np.empty((3, width))
     group_pivot = np.empty(num_groups)
-    group_s1 = np.empty(num_groups)
-    group_s2 = np.empty(num_groups)
-    rows_per_chunk = max(4, CHUNK // lanes)
 
-    position = first_position
-    while position < stop_position:
-        row_positions = positions_per_row
-        rows = min(rows_per_chunk, (stop_position - position) // row_positions)
-        if rows == 0:
-            # Fewer than a row of positions left: finish with rows of a single position.
-            row_positions = 1
-            rows = stop_position - position
-        width = row_positions * channels
-        chunk_start = sample_start + position * channels
-        for g in range(num_groups):
-            group_pivot[g] = x[chunk_start + g * channels_per_group]
-            group_s1[g] = 0.0
-            group_s2[g] = 0.0
-        for j in range(width):
-            lane_pivot[j] = group_pivot[lane_group[j]]
-            lane_s1[j] = 0.0
-            lane_s2[j] = 0.0
-        # Four rows per sweep: the lane sums live in memory, so each sweep loads and stores them
-        # once for four rows of data instead of once per row.
-        quad_rows = rows - rows % 4
-        for r in range(0, quad_rows, 4):
-            block = x[chunk_start + r * width : chunk_start + (r + 4) * width]
+    rows_start = sample_start + first_position * channels
+    full_rows = (stop_position - first_position) // positions_per_row
+    quarter = full_rows // 4
+    sweeps_per_chunk = max(1, CHUNK // (4 * width))
+    for sweep_start in range(0, quarter, sweeps_per_chunk):
+        sweeps = min(sweeps_per_chunk, quarter - sweep_start)
+        chunk_start = rows_start + sweep_start * width
+        begin_chunk(x, chunk_start, width, channels_per_group, lane_group, group_pivot, lanes)
+        for r in range(sweep_start, sweep_start + sweeps):
+            row0 = x[rows_start + r * width : rows_start + (r + 1) * width]
+            row1 = x[rows_start + (r + quarter) * width : rows_start + (r + quarter + 1) * width]
+            row2 = x[
+                rows_start + (r + 2 * quarter) * width : rows_start + (r + 2 * quarter + 1) * width
+            ]
+            row3 = x[
+                rows_start + (r + 3 * quarter) * width : rows_start + (r + 3 * quarter + 1) * width
+            ]
             for j in range(width):
-                d0 = np.float64(block[j]) - lane_pivot[j]
-                d1 = np.float64(block[width + j]) - lane_pivot[j]
-                d2 = np.float64(block[2 * width + j]) - lane_pivot[j]
-                d3 = np.float64(block[3 * width + j]) - lane_pivot[j]
-                lane_s1[j] += (d0 + d1) + (d2 + d3)
-                lane_s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        for r in range(quad_rows, rows):
-            row = x[chunk_start + r * width : chunk_start + (r + 1) * width]
-            for j in range(width):
-                d = np.float64(row[j]) - lane_pivot[j]
-                lane_s1[j] += d
-                lane_s2[j] += d * d
-        for j in range(width):
-            group_s1[lane_group[j]] += lane_s1[j]
-            group_s2[lane_group[j]] += lane_s2[j]
-        count = rows * row_positions * channels_per_group
-        for g in range(num_groups):
-            ref = np.float64(x[sample_start + g * channels_per_group])
-            merge_shifted_sums(stats, g, count, group_s1[g], group_s2[g], group_pivot[g], ref)
-        position += rows * row_positions
+                pivot = lanes[0, j]
+                d0 = np.float64(row0[j]) - pivot
+                d1 = np.float64(row1[j]) - pivot
+                d2 = np.float64(row2[j]) - pivot
+                d3 = np.float64(row3[j]) - pivot
+                lanes[1, j] += (d0 + d1) + (d2 + d3)
+                lanes[2, j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+        end_chunk(x, sample_start, width, sweeps * 4 * positions_per_row * channels_per_group,
+                  channels_per_group, lane_group, group_pivot, lanes, stats)  # fmt: skip
+
+    # What the quarters leave: up to three full rows, then fewer than a row of positions.
+    leftover_rows = full_rows - 4 * quarter
+    if leftover_rows:
+        chunk_start = rows_start + 4 * quarter * width
+        begin_chunk(x, chunk_start, width, channels_per_group, lane_group, group_pivot, lanes)
+        accumulate_rows(x, chunk_start, width, leftover_rows, lanes)
+        end_chunk(x, sample_start, width, leftover_rows * positions_per_row * channels_per_group,
+                  channels_per_group, lane_group, group_pivot, lanes, stats)  # fmt: skip
+    tail_positions = stop_position - first_position - full_rows * positions_per_row
+    if tail_positions:
+        chunk_start = rows_start + full_rows * width
+        begin_chunk(x, chunk_start, channels, channels_per_group, lane_group, group_pivot, lanes)
+        accumulate_rows(x, chunk_start, channels, tail_positions, lanes)
+        end_chunk(x, sample_start, channels, tail_positions * channels_per_group,
+                  channels_per_group, lane_group, group_pivot, lanes, stats)  # fmt: skip
+
+
+@numba.njit(inline="always")
+def apply_row(x, out, start, width, center, scale, shift):
+    """Normalize ``width`` values from ``x[start]`` with lane coefficients (``out=None``: in place)."""
+    source = x[start : start + width]
+    target = source if out is None else out[start : start + width]
+    for j in range(width):
+        target[j] = (source[j] - center[j]) * scale[j] + shift[j]
 
 
 @numba.njit(inline="always")
 def apply_positions(x, out, sample_start, first_position, stop_position, channels, coefficients):
-    """Normalize positions ``[first_position, stop_position)`` of one sample, last row first.
+    """Normalize positions ``[first_position, stop_position)`` of one sample, last rows first.
 
     ``coefficients`` holds the sample's ``(center, scale, shift)`` per channel, shape ``(C, 3)``.
+    Each sweep normalizes one row from each quarter of the range, sharing the loads of the lane
+    coefficients, in four long streams the hardware prefetchers can follow.
     """
     positions_per_row = lane_positions(channels)
-    lanes = positions_per_row * channels
-    center = np.empty(lanes, x.dtype)
-    scale = np.empty(lanes, x.dtype)
-    shift = np.empty(lanes, x.dtype)
-    for j in range(lanes):
+    width = positions_per_row * channels
+    center = np.empty(width, x.dtype)
+    scale = np.empty(width, x.dtype)
+    shift = np.empty(width, x.dtype)
+    for j in range(width):
         center[j] = coefficients[j % channels, 0]
         scale[j] = coefficients[j % channels, 1]
         shift[j] = coefficients[j % channels, 2]
+    rows_start = sample_start + first_position * channels
     full_rows = (stop_position - first_position) // positions_per_row
-    rows_end = sample_start + (first_position + full_rows * positions_per_row) * channels
-    for i in range(sample_start + stop_position * channels - 1, rows_end - 1, -1):
-        j = (i - rows_end) % channels
-        value = (x[i] - center[j]) * scale[j] + shift[j]
-        if out is None:
-            x[i] = value
-        else:
-            out[i] = value
-    # Four rows per sweep share each load of the lane coefficients.
-    first_row_start = sample_start + first_position * channels
-    for r in range(full_rows - 1, full_rows - 1 - full_rows % 4, -1):
-        source = x[first_row_start + r * lanes : first_row_start + (r + 1) * lanes]
-        target = source if out is None else out[first_row_start + r * lanes :]
-        for j in range(lanes):
-            target[j] = (source[j] - center[j]) * scale[j] + shift[j]
-    for r in range(full_rows - full_rows % 4 - 4, -1, -4):
-        source = x[first_row_start + r * lanes : first_row_start + (r + 4) * lanes]
-        target = source if out is None else out[first_row_start + r * lanes :]
-        for j in range(lanes):
+    quarter = full_rows // 4
+
+    tail_positions = stop_position - first_position - full_rows * positions_per_row
+    for p in range(tail_positions - 1, -1, -1):
+        apply_row(
+            x, out, rows_start + full_rows * width + p * channels, channels, center, scale, shift
+        )
+    for r in range(full_rows - 1, 4 * quarter - 1, -1):
+        apply_row(x, out, rows_start + r * width, width, center, scale, shift)
+    for r in range(quarter - 1, -1, -1):
+        starts = (
+            rows_start + r * width,
+            rows_start + (r + quarter) * width,
+            rows_start + (r + 2 * quarter) * width,
+            rows_start + (r + 3 * quarter) * width,
+        )
+        source0 = x[starts[0] : starts[0] + width]
+        source1 = x[starts[1] : starts[1] + width]
+        source2 = x[starts[2] : starts[2] + width]
+        source3 = x[starts[3] : starts[3] + width]
+        target0 = source0 if out is None else out[starts[0] : starts[0] + width]
+        target1 = source1 if out is None else out[starts[1] : starts[1] + width]
+        target2 = source2 if out is None else out[starts[2] : starts[2] + width]
+        target3 = source3 if out is None else out[starts[3] : starts[3] + width]
+        for j in range(width):
             c, a, b = center[j], scale[j], shift[j]
-            target[j] = (source[j] - c) * a + b
-            target[lanes + j] = (source[lanes + j] - c) * a + b
-            target[2 * lanes + j] = (source[2 * lanes + j] - c) * a + b
-            target[3 * lanes + j] = (source[3 * lanes + j] - c) * a + b
+            target0[j] = (source0[j] - c) * a + b
+            target1[j] = (source1[j] - c) * a + b
+            target2[j] = (source2[j] - c) * a + b
+            target3[j] = (source3[j] - c) * a + b
 
 
 @numba.njit(cache=True, parallel=True)
