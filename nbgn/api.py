@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numba
 import numpy as np
 
 from . import _schedule, _threading
@@ -117,7 +116,7 @@ def group_moments(
         x = np.ascontiguousarray(x)
         channels_last = geometry.channels_last
     flat = _flat(x, geometry, channels_last)
-    parts = _parts(geometry, channels_last)
+    parts = _plan(geometry, channels_last).parts
     with _threading.kernel_guard():
         partial, refs = _partial_moments(flat, geometry, channels_last, parts)
         mean, var = moments.finish_moments(partial, refs, parts)
@@ -154,12 +153,11 @@ def _empty_in_order(x: np.ndarray, geometry: Geometry, channels_last: bool) -> n
     return np.moveaxis(np.empty(np.moveaxis(x, *axes).shape, x.dtype), *axes[::-1])
 
 
-def _parts(geometry: Geometry, channels_last: bool) -> int:
+def _plan(geometry: Geometry, channels_last: bool) -> _schedule.Plan:
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
-    threads = numba.get_num_threads()
     if channels_last:
-        return _schedule.num_parts(n, s * c, threads)
-    return _schedule.num_parts(n * g, (c // g) * s, threads)
+        return _schedule.plan(n, s * c)
+    return _schedule.plan(n * g, (c // g) * s)
 
 
 def _partial_moments(flat, geometry, channels_last, parts):
@@ -174,7 +172,11 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
     source = _flat(x, geometry, channels_last)
     target = None if out is None else _flat(out, geometry, channels_last)
-    parts = _parts(geometry, channels_last)
+    parallel, parts = _plan(geometry, channels_last)
+    if not parallel:
+        fused = nhwc.group_norm_fused_serial if channels_last else nchw.group_norm_fused_serial
+        fused(source, target, n, *((s, c) if channels_last else (c, s)), g, weight, bias, eps)
+        return x if out is None else out
     with _threading.kernel_guard():
         if parts == 1 and channels_last:
             nhwc.group_norm_fused(source, target, n, s, c, g, weight, bias, eps)

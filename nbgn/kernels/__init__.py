@@ -1,0 +1,1 @@
+"""Numba kernels. Nothing here validates arguments: ``nbgn.api`` does, then calls these."""

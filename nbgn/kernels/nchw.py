@@ -13,6 +13,7 @@ and up to ``3b`` when it does not (reversed normalization keeps what the caches 
 import numba
 import numpy as np
 
+from ._compile import parallel_and_serial
 from .moments import (
     apply_reversed,
     contiguous_moments,
@@ -22,8 +23,7 @@ from .moments import (
 )
 
 
-@numba.njit(cache=True, parallel=True)
-def group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps):
+def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps):
     """Normalize every slab in one parallel loop: moments, then normalization from cache.
 
     Parameters
@@ -58,6 +58,9 @@ def group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight,
                 coefficients[row, 1],
                 coefficients[row, 2],
             )
+
+
+group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
 
 
 @numba.njit(cache=True, parallel=True)

@@ -13,6 +13,7 @@ reverse (from L2/L3 when a sample fits there) and writes it: ``2b`` to ``3b`` pe
 import numba
 import numpy as np
 
+from ._compile import parallel_and_serial
 from .moments import (
     CHUNK,
     finalize_group,
@@ -198,8 +199,7 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
             target3[j] = (source3[j] - c) * a + b
 
 
-@numba.njit(cache=True, parallel=True)
-def group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps):
+def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps):
     """Normalize one sample per parallel iteration: moments, then normalization from cache.
 
     Parameters
@@ -223,6 +223,9 @@ def group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight,
             for c in range(g * channels_per_group, (g + 1) * channels_per_group):
                 fold_channel(coefficients, c, mean_hi, mean_lo, rstd, weight[c], bias[c])
         apply_positions(x, out, sample_start, 0, spatial, channels, coefficients)
+
+
+group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
 
 
 @numba.njit(cache=True, parallel=True)

@@ -1,0 +1,24 @@
+"""Compiling one kernel body twice: parallel for large inputs, serial for small ones."""
+
+import types
+
+import numba
+
+
+def parallel_and_serial(body):
+    """Return ``(parallel, serial)`` dispatchers of ``body``, both lazily compiled and cached.
+
+    The serial twin exists because launching a parallel region costs microseconds, more than a
+    small group norm takes. ``prange`` runs as ``range`` in it. Numba's cache key ignores the
+    ``parallel`` flag, so the twin gets its own qualified name and thus its own cache files.
+    """
+    twin = types.FunctionType(
+        body.__code__,
+        body.__globals__,
+        body.__name__ + "_serial",
+        body.__defaults__,
+        body.__closure__,
+    )
+    twin.__qualname__ = body.__qualname__ + "_serial"
+    twin.__doc__ = body.__doc__
+    return numba.njit(cache=True, parallel=True)(body), numba.njit(cache=True)(twin)
