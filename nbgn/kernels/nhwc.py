@@ -27,9 +27,9 @@ MIN_LANES = 256
 
 
 @numba.njit(inline="always")
-def lane_positions(channels):
-    """Positions per row, so that a row has at least ``MIN_LANES`` values."""
-    return max(1, MIN_LANES // channels)
+def lane_positions(channels, positions):
+    """Positions per row: enough for ``MIN_LANES`` values per row, but no more than there are."""
+    return max(1, min(MIN_LANES // channels, positions))
 
 
 @numba.njit(inline="always")
@@ -58,19 +58,27 @@ def accumulate_rows(x, start, width, rows, lanes):
 
 
 @numba.njit(inline="always")
-def end_chunk(x, sample_start, width, group_count, channels_per_group, lane_group, group_pivot,
-              lanes, stats):  # fmt: skip
-    """Add the lane sums up per group and merge each group's chunk into ``stats``."""
+def end_chunk(x, sample_start, width, group_count, channels_per_group, group_pivot, lanes, stats):
+    """Add the lane sums up per group and merge each group's chunk into ``stats``.
+
+    Lanes are added per channel first (whole rows of contiguous vector adds), then each group's
+    channels, which are contiguous too: no per-lane indirection.
+    """
     num_groups = group_pivot.size
-    group_sums = np.zeros((2, num_groups))
-    for j in range(width):
-        group_sums[0, lane_group[j]] += lanes[1, j]
-        group_sums[1, lane_group[j]] += lanes[2, j]
+    channels = num_groups * channels_per_group
+    channel_sums = np.zeros((2, channels))
+    for row_start in range(0, width, channels):
+        for c in range(channels):
+            channel_sums[0, c] += lanes[1, row_start + c]
+            channel_sums[1, c] += lanes[2, row_start + c]
     for g in range(num_groups):
+        s1 = 0.0
+        s2 = 0.0
+        for c in range(g * channels_per_group, (g + 1) * channels_per_group):
+            s1 += channel_sums[0, c]
+            s2 += channel_sums[1, c]
         ref = np.float64(x[sample_start + g * channels_per_group])
-        merge_shifted_sums(
-            stats, g, group_count, group_sums[0, g], group_sums[1, g], group_pivot[g], ref
-        )
+        merge_shifted_sums(stats, g, group_count, s1, s2, group_pivot[g], ref)
 
 
 @numba.njit(cache=True)
@@ -86,7 +94,7 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     do not, and the loop would wait on memory).
     """
     channels_per_group = channels // num_groups
-    positions_per_row = lane_positions(channels)
+    positions_per_row = lane_positions(channels, stop_position - first_position)
     width = positions_per_row * channels
     lane_group = np.empty(width, np.int64)
     for j in range(width):
@@ -97,7 +105,9 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     rows_start = sample_start + first_position * channels
     full_rows = (stop_position - first_position) // positions_per_row
     quarter = full_rows // 4
-    sweeps_per_chunk = max(1, CHUNK // (4 * width))
+    # At least 16 sweeps per chunk, so that folding the lanes into groups (~width operations)
+    # stays small next to the chunk's 64 * width values even when there are thousands of channels.
+    sweeps_per_chunk = max(16, CHUNK // (4 * width))
     for sweep_start in range(0, quarter, sweeps_per_chunk):
         sweeps = min(sweeps_per_chunk, quarter - sweep_start)
         chunk_start = rows_start + sweep_start * width
@@ -120,7 +130,7 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
                 lanes[1, j] += (d0 + d1) + (d2 + d3)
                 lanes[2, j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
         end_chunk(x, sample_start, width, sweeps * 4 * positions_per_row * channels_per_group,
-                  channels_per_group, lane_group, group_pivot, lanes, stats)  # fmt: skip
+                  channels_per_group, group_pivot, lanes, stats)  # fmt: skip
 
     # What the quarters leave: up to three full rows, then fewer than a row of positions.
     leftover_rows = full_rows - 4 * quarter
@@ -129,14 +139,14 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
         begin_chunk(x, chunk_start, width, channels_per_group, lane_group, group_pivot, lanes)
         accumulate_rows(x, chunk_start, width, leftover_rows, lanes)
         end_chunk(x, sample_start, width, leftover_rows * positions_per_row * channels_per_group,
-                  channels_per_group, lane_group, group_pivot, lanes, stats)  # fmt: skip
+                  channels_per_group, group_pivot, lanes, stats)  # fmt: skip
     tail_positions = stop_position - first_position - full_rows * positions_per_row
     if tail_positions:
         chunk_start = rows_start + full_rows * width
         begin_chunk(x, chunk_start, channels, channels_per_group, lane_group, group_pivot, lanes)
         accumulate_rows(x, chunk_start, channels, tail_positions, lanes)
         end_chunk(x, sample_start, channels, tail_positions * channels_per_group,
-                  channels_per_group, lane_group, group_pivot, lanes, stats)  # fmt: skip
+                  channels_per_group, group_pivot, lanes, stats)  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -156,7 +166,7 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     Each sweep normalizes one row from each quarter of the range, sharing the loads of the lane
     coefficients, in four long streams the hardware prefetchers can follow.
     """
-    positions_per_row = lane_positions(channels)
+    positions_per_row = lane_positions(channels, stop_position - first_position)
     width = positions_per_row * channels
     center = np.empty(width, x.dtype)
     scale = np.empty(width, x.dtype)
