@@ -26,6 +26,8 @@ function uses ``nnan``/``ninf``, so NaN and Inf propagate.
 
 import numba
 import numpy as np
+from numba.core import types
+from numba.extending import overload
 
 #: Elements per chunk: long enough that the per-chunk merge (and, for NHWC, the fold of the lane
 #: sums into group sums) costs nothing measurable, short enough that ``s2 - s1**2 / n`` cancels at
@@ -126,15 +128,30 @@ def fold_channel(coefficients, channel, mean_hi, mean_lo, rstd, weight, bias):
     coefficients[channel, 2] = bias - residual * scale
 
 
+def destination(source, out, start, stop):
+    """Where normalized ``source`` (``x[start:stop]``) goes: itself if ``out`` is None, else
+    ``out[start:stop]``. Chosen when Numba compiles, from ``out``'s type (see ``_destination``)."""
+
+
+@overload(destination, inline="always")
+def _destination(source, out, start, stop):
+    # In place returns the very slice being read: LLVM then sees one pointer and vectorizes the
+    # loop without runtime overlap checks (two slices of one buffer would fail them and run the
+    # scalar loop). A typed branch, not ``source if out is None else ...``: that would unify a
+    # read-only input's type with the output's.
+    if isinstance(out, types.NoneType):
+        return lambda source, out, start, stop: source
+    return lambda source, out, start, stop: out[start:stop]
+
+
 @numba.njit(inline="always")
 def apply_contiguous(x, out, start, stop, center, scale, shift):
     """``out[i] = (x[i] - center) * scale + shift`` for i in ``[start, stop)``, in the input dtype.
 
-    ``out=None`` writes into ``x``. That case must read and write through one slice: two slices of
-    one buffer fail LLVM's runtime overlap check and run the scalar loop.
+    ``out=None`` writes into ``x``.
     """
     source = x[start:stop]
-    target = source if out is None else out[start:stop]
+    target = destination(source, out, start, stop)
     for i in range(source.size):
         target[i] = (source[i] - center) * scale + shift
 

@@ -16,6 +16,7 @@ import numpy as np
 from ._compile import parallel_and_serial
 from .moments import (
     CHUNK,
+    destination,
     finalize_group,
     fold_channel,
     merge_shifted_sums,
@@ -153,7 +154,7 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
 def apply_row(x, out, start, width, center, scale, shift):
     """Normalize ``width`` values from ``x[start]`` with lane coefficients (``out=None``: in place)."""
     source = x[start : start + width]
-    target = source if out is None else out[start : start + width]
+    target = destination(source, out, start, start + width)
     for j in range(width):
         target[j] = (source[j] - center[j]) * scale[j] + shift[j]
 
@@ -197,10 +198,10 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
         source1 = x[starts[1] : starts[1] + width]
         source2 = x[starts[2] : starts[2] + width]
         source3 = x[starts[3] : starts[3] + width]
-        target0 = source0 if out is None else out[starts[0] : starts[0] + width]
-        target1 = source1 if out is None else out[starts[1] : starts[1] + width]
-        target2 = source2 if out is None else out[starts[2] : starts[2] + width]
-        target3 = source3 if out is None else out[starts[3] : starts[3] + width]
+        target0 = destination(source0, out, starts[0], starts[0] + width)
+        target1 = destination(source1, out, starts[1], starts[1] + width)
+        target2 = destination(source2, out, starts[2], starts[2] + width)
+        target3 = destination(source3, out, starts[3], starts[3] + width)
         for j in range(width):
             c, a, b = center[j], scale[j], shift[j]
             target0[j] = (source0[j] - c) * a + b

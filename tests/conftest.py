@@ -1,0 +1,18 @@
+import numpy as np
+import pytest
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20181231)
+
+
+def pytest_collection_modifyitems(config, items):
+    import os
+
+    if os.environ.get("NBGN_BIGMEM") == "1":
+        return
+    skip = pytest.mark.skip(reason="needs >8 GiB of memory: opt in with NBGN_BIGMEM=1")
+    for item in items:
+        if "bigmem" in item.keywords:
+            item.add_marker(skip)

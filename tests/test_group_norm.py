@@ -1,0 +1,221 @@
+"""group_norm against the float64 two-pass reference: every layout, dtype, rank, mode and path."""
+
+import numpy as np
+import pytest
+from reference import make_input, reference_group_norm, to_channels_first, tolerance
+
+import nbgn
+from nbgn import _schedule
+
+SHAPES = [(3, 8), (2, 8, 5), (2, 8, 5, 6), (2, 8, 3, 4, 5)]  # (N, C, *spatial), 0 to 3 spatial dims
+DTYPES = [np.float32, np.float64]
+LAYOUTS = ["NCHW", "NHWC"]
+
+
+def _affine(rng, channels, affine):
+    if not affine:
+        return None, None
+    return rng.standard_normal(channels), rng.standard_normal(channels)
+
+
+@pytest.mark.parametrize("mode", ["allocate", "out", "in_place"])
+@pytest.mark.parametrize("eps", [1e-5, 0.1, 0.0])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference(rng, shape, dtype, layout, affine, eps, mode):
+    x = make_input(shape, layout, dtype, rng, scale=2.0, offset=3.0)
+    weight, bias = _affine(rng, shape[1], affine)
+    expected = reference_group_norm(x, 4, weight, bias, eps, layout)
+    original = x.copy()
+    if mode == "allocate":
+        result = nbgn.group_norm(x, 4, weight, bias, eps=eps, layout=layout)
+        np.testing.assert_array_equal(x, original)
+    elif mode == "out":
+        out = np.full_like(x, np.nan)
+        result = nbgn.group_norm(x, 4, weight, bias, eps=eps, layout=layout, out=out)
+        assert result is out
+        np.testing.assert_array_equal(x, original)
+    else:
+        result = nbgn.group_norm(x, 4, weight, bias, eps=eps, layout=layout, out=x)
+        assert result is x
+    assert result.dtype == dtype
+    assert result.shape == x.shape
+    np.testing.assert_allclose(result, expected, rtol=0, atol=tolerance(dtype))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [((6, 16, 48, 48), 4), ((1, 8, 96, 96), 1), ((3, 6, 64, 64), 3), ((1, 2048, 7, 7), 32)],
+)
+def test_parallel_paths_match_reference(rng, shape, groups, dtype, layout):
+    """Large enough for the parallel kernels: fused, and split across threads (few units)."""
+    x = make_input(shape, layout, dtype, rng, offset=-7.0)
+    weight, bias = _affine(rng, shape[1], True)
+    expected = reference_group_norm(x, groups, weight, bias, 1e-5, layout)
+    np.testing.assert_allclose(
+        nbgn.group_norm(x, groups, weight, bias, layout=layout), expected, atol=tolerance(dtype)
+    )
+    nbgn.group_norm(x, groups, weight, bias, layout=layout, out=x)
+    np.testing.assert_allclose(x, expected, atol=tolerance(dtype))
+
+
+@pytest.mark.parametrize("parts", [2, 3, 5])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
+    """Force the split path (moments per part, merged with Chan's formula) whatever the core count."""
+    monkeypatch.setattr(_schedule, "plan", lambda units, elements: _schedule.Plan(True, parts))
+    x = make_input((2, 6, 37, 29), layout, dtype, rng, scale=1e-2, offset=300.0)
+    expected = reference_group_norm(x, 3, layout=layout)
+    np.testing.assert_allclose(nbgn.group_norm(x, 3, layout=layout), expected, atol=1e-4)
+    mean, var = nbgn.group_moments(x, 3, layout=layout)
+    grouped = to_channels_first(x.astype(np.float64), layout).reshape(2, 3, -1)
+    np.testing.assert_allclose(mean, grouped.mean(-1), rtol=1e-14)
+    np.testing.assert_allclose(var, grouped.var(-1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_any_strides_out_of_place(rng, layout):
+    base = make_input((4, 8, 10, 12), layout, np.float32, rng)
+    views = [
+        base[::2],
+        base[..., ::3] if layout == "NCHW" else base[:, ::3],
+        np.asfortranarray(base),
+    ]
+    for view in views:
+        expected = reference_group_norm(view, 2, layout=layout)
+        np.testing.assert_allclose(nbgn.group_norm(view, 2, layout=layout), expected, atol=2e-5)
+        out = np.empty_like(view)
+        nbgn.group_norm(view, 2, layout=layout, out=out)
+        np.testing.assert_allclose(out, expected, atol=2e-5)
+
+
+def test_in_place_on_a_strided_view_writes_through(rng):
+    big = make_input((4, 8, 10, 12), "NCHW", np.float64, rng)
+    untouched = big[:, :, 1::2].copy()
+    view = big[:, :, ::2]
+    expected = reference_group_norm(view, 4)
+    result = nbgn.group_norm(view, 4, out=view)
+    assert result is view
+    np.testing.assert_allclose(big[:, :, ::2], expected, atol=1e-12)
+    np.testing.assert_array_equal(big[:, :, 1::2], untouched)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last_memory_with_nchw_layout(rng, dtype):
+    """An NCHW-shaped view of NHWC memory (PyTorch's channels_last) works in place and keeps its order."""
+    memory = make_input((3, 8, 40, 40), "NHWC", dtype, rng)
+    view = np.moveaxis(memory, -1, 1)  # shape (3, 8, 40, 40), channels-last strides
+    expected = reference_group_norm(view, 4)
+    result = nbgn.group_norm(view, 4)
+    assert np.moveaxis(result, 1, -1).flags.c_contiguous
+    np.testing.assert_allclose(result, expected, atol=tolerance(dtype))
+    nbgn.group_norm(view, 4, out=view)
+    np.testing.assert_allclose(np.moveaxis(memory, -1, 1), expected, atol=tolerance(dtype))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_out_in_another_memory_order(rng, layout):
+    x = make_input((2, 8, 6, 7), layout, np.float32, rng)
+    out = np.asfortranarray(np.empty_like(x))
+    nbgn.group_norm(x, 4, layout=layout, out=out)
+    np.testing.assert_allclose(out, reference_group_norm(x, 4, layout=layout), atol=2e-5)
+
+
+@pytest.mark.parametrize("weight_dtype", [np.float16, np.float32, np.float64])
+def test_weight_and_bias_of_any_float_dtype(rng, weight_dtype):
+    x = make_input((2, 6, 5, 5), "NCHW", np.float32, rng)
+    weight = rng.standard_normal(6).astype(weight_dtype)
+    bias = rng.standard_normal(6).astype(weight_dtype)
+    expected = reference_group_norm(x, 3, weight.astype(np.float64), bias.astype(np.float64))
+    result = nbgn.group_norm(x, 3, weight, bias)
+    assert result.dtype == np.float32
+    np.testing.assert_allclose(result, expected, atol=3e-5)
+
+
+def test_array_likes_are_accepted():
+    x = [[[1.0, 2.0], [3.0, 5.0]], [[0.0, 0.0], [1.0, 1.0]]]  # (N=2, C=2, W=2), float64
+    result = nbgn.group_norm(x, 1, [1.0, 2.0], [0.0, 0.5])
+    np.testing.assert_allclose(
+        result, reference_group_norm(np.array(x), 1, [1.0, 2.0], [0.0, 0.5]), atol=1e-12
+    )
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(5, 12, 9, 9), (1, 12, 100, 100)])  # serial; parallel split
+def test_nan_or_inf_poisons_only_its_group(rng, layout, dtype, shape):
+    x = make_input(shape, layout, dtype, rng)
+    cf = to_channels_first(x, layout)  # a view: writes go to x
+    cf[0, 1, 0, 0] = np.nan  # sample 0, group 0 (channels 0-3)
+    cf[0, 9, 2, 3] = np.inf  # sample 0, group 2 (channels 8-11): +inf and -inf
+    cf[0, 10, 1, 1] = -np.inf
+    several = shape[0] > 1
+    if several:
+        cf[-1, 5, 1, 2] = np.inf  # last sample, group 1 (channels 4-7)
+    result = to_channels_first(nbgn.group_norm(x, 3, layout=layout), layout)
+    assert np.isnan(result[0, 0:4]).all()
+    assert np.isnan(result[0, 8:12]).all()
+    assert np.isfinite(result[0, 4:8]).all()
+    if several:
+        assert np.isnan(result[-1, 4:8]).all()
+        assert np.isfinite(result[-1, 0:4]).all()
+        assert np.isfinite(result[-1, 8:12]).all()
+        assert np.isfinite(result[1:-1]).all()
+    expected = reference_group_norm(x, 3, layout=layout)
+    finite = np.isfinite(expected)
+    np.testing.assert_allclose(
+        nbgn.group_norm(x, 3, layout=layout)[finite], expected[finite], atol=tolerance(dtype)
+    )
+    mean, var = nbgn.group_moments(x, 3, layout=layout)
+    assert np.isnan(mean[0, 0])
+    assert np.isnan(var[0, 0])
+    assert np.isnan(var[0, 2])
+    assert np.isfinite(var[0, 1])
+    assert np.isfinite(var[1:-1]).all()
+
+
+@pytest.mark.parametrize("eps", [1e-5, 0.0])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", [0.0, 3.25, -1e8])
+def test_constant_group_gives_exactly_bias(rng, value, dtype, layout, eps):
+    x = make_input((3, 6, 7, 5), layout, dtype, rng)
+    cf = to_channels_first(x, layout)
+    cf[1, 2:4] = value  # sample 1, group 1 of 3
+    bias = rng.standard_normal(6).astype(dtype)
+    weight = rng.standard_normal(6).astype(dtype)
+    result = to_channels_first(nbgn.group_norm(x, 3, weight, bias, eps=eps, layout=layout), layout)
+    np.testing.assert_array_equal(result[1, 2:4], np.broadcast_to(bias[2:4, None, None], (2, 7, 5)))
+    plain = to_channels_first(nbgn.group_norm(x, 3, eps=eps, layout=layout), layout)
+    np.testing.assert_array_equal(plain[1, 2:4], 0.0)
+    assert np.isfinite(result).all()
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", [(0, 8, 4, 4), (2, 8, 0, 4), (2, 8, 4, 0), (0, 8), (2, 0, 3)])
+def test_empty_inputs_give_empty_results(shape, layout):
+    x = np.empty(
+        shape if layout == "NCHW" else np.moveaxis(np.empty(shape), 1, -1).shape, np.float32
+    )
+    groups = 4 if x.shape[1 if layout == "NCHW" else -1] else 1
+    result = nbgn.group_norm(x, groups, layout=layout)
+    assert result.shape == x.shape
+    assert result.dtype == np.float32
+    out = np.empty_like(x)
+    assert nbgn.group_norm(x, groups, layout=layout, out=out) is out
+    assert nbgn.group_norm(x, groups, layout=layout, out=x) is x
+
+
+def test_seed_walkthrough_statistics():
+    """The walkthrough's tensor and groups: output std is 1 (not its buggy 3.46), mean 0."""
+    tensor = np.random.default_rng(0).random((8, 16, 112, 112))
+    result = nbgn.group_norm(tensor, 4)
+    assert abs(result.mean()) < 1e-12
+    assert abs(result.std() - 1.0) < 1e-3  # var / (var + eps) with var = 1/12
+    buggy = (tensor - tensor.mean()) / (tensor.var() + 1e-5)
+    assert buggy.std() > 3.4
