@@ -1,0 +1,137 @@
+"""Concurrency: many Python threads calling nbgn at once, on every threading layer nbgn may run on."""
+
+import subprocess
+import sys
+import textwrap
+import threading
+
+import numba
+import numpy as np
+import pytest
+from reference import reference_group_norm
+from snippets import HIDE_TBB
+
+import nbgn
+
+
+def _cases(count, seed=0):
+    rng = np.random.default_rng(seed)
+    cases = []
+    for i in range(count):
+        layout = ("NCHW", "NHWC")[i % 2]
+        dtype = (np.float32, np.float64)[(i // 2) % 2]
+        shape = ((4, 16, 48, 48), (2, 8, 6, 6), (1, 32, 64, 64))[i % 3]  # parallel, serial, split
+        x = rng.standard_normal(shape)
+        if layout == "NHWC":
+            x = np.moveaxis(x, 1, -1)
+        x = np.ascontiguousarray(x).astype(dtype)
+        cases.append((x, layout, reference_group_norm(x, 4, layout=layout)))
+    return cases
+
+
+def _hammer(cases, threads, calls_per_thread):
+    failures = []
+
+    def work(worker):
+        for call in range(calls_per_thread):
+            x, layout, expected = cases[(worker * 7 + call) % len(cases)]
+            if call % 2:
+                y = x.copy()
+                nbgn.group_norm(y, 4, layout=layout, out=y)
+            else:
+                y = nbgn.group_norm(x, 4, layout=layout)
+            tol = 2e-5 if x.dtype == np.float32 else 1e-12
+            if not np.allclose(y, expected, atol=tol, rtol=0):
+                failures.append((worker, call))
+
+    pool = [threading.Thread(target=work, args=(w,)) for w in range(threads)]
+    for thread in pool:
+        thread.start()
+    for thread in pool:
+        thread.join(timeout=600)
+    assert not any(thread.is_alive() for thread in pool), "deadlock: a thread did not finish"
+    return failures
+
+
+@pytest.mark.slow
+def test_eight_threads_hundreds_of_calls():
+    assert _hammer(_cases(12), threads=8, calls_per_thread=60) == []
+
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    sys.path.insert(0, {tests!r})
+    {prelude}
+    import nbgn, numba
+    from test_threading import _cases, _hammer
+    assert _hammer(_cases(6), threads=8, calls_per_thread=25) == []
+    print("LAYER", numba.threading_layer(), nbgn.info()["threading"]["serialized"])
+    """
+)
+
+
+def _run(prelude, env_extra=None):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    env.update(env_extra or {})
+    tests = os.path.dirname(os.path.abspath(__file__))
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT.format(tests=tests, prelude=prelude)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout.split("LAYER")[1].split()
+
+
+@pytest.mark.slow
+def test_threads_without_tbb_fall_back_to_serialized_workqueue():
+    layer, serialized = _run(HIDE_TBB)
+    assert layer == "workqueue"
+    assert serialized == "True"
+
+
+@pytest.mark.slow
+def test_threads_with_a_user_chosen_workqueue_are_serialized():
+    layer, serialized = _run("", {"NUMBA_THREADING_LAYER": "workqueue"})
+    assert (layer, serialized) == ("workqueue", "True")
+
+
+@pytest.mark.slow
+def test_user_chosen_omp_is_respected():
+    layer, serialized = _run("", {"NUMBA_THREADING_LAYER": "omp"})
+    assert (layer, serialized) == ("omp", "False")
+
+
+def test_set_num_threads_is_respected():
+    x = np.random.default_rng(1).standard_normal((1, 8, 128, 128)).astype(np.float32)
+    expected = reference_group_norm(x, 1)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        np.testing.assert_allclose(nbgn.group_norm(x, 1), expected, atol=2e-5)
+        assert nbgn.info()["threading"]["threads"] == 1
+    finally:
+        numba.set_num_threads(before)
+    np.testing.assert_allclose(nbgn.group_norm(x, 1), expected, atol=2e-5)
+
+
+def test_numba_num_threads_environment_is_respected():
+    import os
+
+    code = (
+        "import nbgn, numpy as np, numba;"
+        "x = np.ones((4, 8, 64, 64), np.float32); x[:, :, 0] = 2;"
+        "nbgn.group_norm(x, 2, out=x);"
+        "print(numba.get_num_threads(), nbgn.info()['threading']['threads'])"
+    )
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1", "1"]
