@@ -1,0 +1,55 @@
+"""Numba's on-disk cache: a warm cache loads without compiling, and concurrent processes sharing a
+cold cache directory all succeed (Numba issue 4807 was a crash in exactly that situation)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CALLS = (
+    "import json, numpy as np, nbgn\n"
+    "from nbgn.kernels import nchw, nhwc\n"
+    "x = np.random.default_rng(0).standard_normal((4, 8, 64, 64)).astype(np.float32)\n"
+    "y = nbgn.group_norm(x, 4); nbgn.group_norm(x, 4, out=x)\n"
+    "z = nbgn.group_norm(np.moveaxis(y, 1, -1).copy(), 4, layout='NHWC')\n"
+    "g = y.astype(np.float64).reshape(4, 4, -1)\n"
+    "assert abs(g.mean(-1)).max() < 1e-6 and abs(g.var(-1) - 1).max() < 1e-3\n"
+    "stats = [nchw.group_norm_fused.stats, nhwc.group_norm_fused.stats]\n"
+    "print(json.dumps([[sum(s.cache_hits.values()), sum(s.cache_misses.values())] for s in stats]))\n"
+)
+
+
+def _start(cache_dir):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
+    return subprocess.Popen(
+        [sys.executable, "-c", CALLS],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _finish(process):
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr
+    import json
+
+    return json.loads(stdout)
+
+
+@pytest.mark.slow
+def test_second_process_loads_from_cache(tmp_path):
+    first = _finish(_start(tmp_path))
+    assert all(misses > 0 for _, misses in first)  # compiled and saved
+    second = _finish(_start(tmp_path))
+    assert all(hits > 0 and misses == 0 for hits, misses in second)
+
+
+@pytest.mark.slow
+def test_concurrent_processes_share_a_cold_cache(tmp_path):
+    for _ in range(2):  # a cold cache written concurrently, then read concurrently
+        processes = [_start(tmp_path) for _ in range(4)]
+        for process in processes:
+            _finish(process)
