@@ -1,0 +1,29 @@
+"""Figures to track over commits: speedup over the baseline and fraction of the memory roofline."""
+
+from nbgn._bench import contenders, time_side_by_side
+
+from .common import CASES, DTYPES, LAYOUTS, make_input
+
+
+class GroupNormFigures:
+    """Both measured side by side in one process (interleaved medians), all threads."""
+
+    params = [list(CASES), LAYOUTS, DTYPES]
+    param_names = ["case", "layout", "dtype"]
+    timeout = 600
+    repeat = 1  # each figure is already a median of interleaved runs
+    number = 1
+
+    def setup(self, case, layout, dtype):
+        x, groups, _, _ = make_input(case, layout, dtype)
+        self.medians = time_side_by_side(contenders(x, groups, layout), repeat=7)
+
+    def track_speedup_over_baseline(self, case, layout, dtype):
+        return self.medians["numpy baseline"] / self.medians["nbgn in place"]
+
+    track_speedup_over_baseline.unit = "x (baseline time / nbgn in-place time)"
+
+    def track_roofline_fraction(self, case, layout, dtype):
+        return self.medians["roofline x *= a"] / self.medians["nbgn in place"]
+
+    track_roofline_fraction.unit = "fraction (x *= a time / nbgn in-place time)"

@@ -1,0 +1,34 @@
+"""Shapes, inputs and thread settings shared by the benchmark classes."""
+
+import numba
+import numpy as np
+
+#: name: ((N, C, *spatial), num_groups)
+CASES = {
+    "seed": ((64, 16, 112, 112), 4),
+    "resnet": ((16, 64, 56, 56), 32),
+    "late_layers": ((16, 2048, 7, 7), 32),
+    "big_image": ((1, 32, 512, 512), 8),
+    "tiny": ((2, 8, 4, 4), 4),
+}
+LAYOUTS = ["NCHW", "NHWC"]
+DTYPES = ["float32", "float64"]
+THREADS = ["1", "all"]
+
+
+def make_input(case, layout, dtype):
+    """A random array for ``case`` in ``layout``, with per-channel weight and bias."""
+    shape, groups = CASES[case]
+    x = np.random.default_rng(0).random(shape, dtype=np.float64).astype(dtype)
+    if layout == "NHWC":
+        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    weight = np.linspace(0.5, 1.5, shape[1]).astype(dtype)
+    bias = np.linspace(-1.0, 1.0, shape[1]).astype(dtype)
+    return x, groups, weight, bias
+
+
+def set_threads(threads):
+    """``numba.set_num_threads`` for "1" or "all"; returns the previous count to restore."""
+    previous = numba.get_num_threads()
+    numba.set_num_threads(1 if threads == "1" else numba.config.NUMBA_NUM_THREADS)
+    return previous

@@ -1,0 +1,54 @@
+"""python -m nbgn bench: the table and the JSON report."""
+
+import json
+
+import pytest
+
+from nbgn import _bench
+
+
+def test_json_report(capsys):
+    assert _bench.main(["--quick", "--json", "--repeat", "2", "--dtype", "float32", "float64"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    machine = report["machine"]
+    assert machine["threads"] >= 1
+    assert machine["threading_layer"]
+    assert machine["versions"]["numba"]
+    rows = report["results"]
+    contenders = {row["contender"] for row in rows}
+    assert {"nbgn in place", "nbgn allocating", "numpy baseline", "roofline x *= a"} <= contenders
+    assert {(row["layout"], row["dtype"]) for row in rows} == {
+        (layout, dtype) for layout in ("NCHW", "NHWC") for dtype in ("float32", "float64")
+    }
+    for row in rows:
+        assert row["seconds"] > 0
+        assert row["gb_per_s"] > 0
+        assert row["roofline"] > 0
+        if row["contender"] == "nbgn in place":
+            assert row["vs_nbgn_in_place"] == 1.0
+
+
+def test_table_with_explicit_shapes_and_threads(capsys):
+    import numba
+
+    before = numba.get_num_threads()
+    assert _bench.main(["--shape", "2", "8", "6", "6", "--groups", "4", "--layout", "NHWC",
+                        "--threads", "1", "--repeat", "2"]) == 0  # fmt: skip
+    captured = capsys.readouterr()
+    assert "threads: 1" in captured.out
+    assert "shape 1 (2, 8, 6, 6)/4" in captured.out
+    assert "nbgn in place" in captured.out
+    assert "[1/1]" in captured.err  # the progress line
+    assert numba.get_num_threads() == before  # restored
+
+
+def test_pytorch_column_when_installed(capsys):
+    pytest.importorskip("torch")
+    _bench.main(["--shape", "2", "8", "4", "4", "--groups", "4", "--repeat", "1", "--json"])
+    rows = json.loads(capsys.readouterr().out)["results"]
+    assert "pytorch" in {row["contender"] for row in rows}
+
+
+def test_mismatched_groups_are_refused():
+    with pytest.raises(SystemExit):
+        _bench.main(["--shape", "2", "8", "4", "4", "--groups", "4", "2"])

@@ -1,0 +1,57 @@
+"""Every asv benchmark runs once on its smallest parameters, so the suite cannot rot."""
+
+import importlib
+import inspect
+import sys
+from pathlib import Path
+
+import numba
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "asv_bench"))
+
+MODULES = ["benchmarks.bench_group_norm", "benchmarks.bench_memory", "benchmarks.bench_tracking"]
+PREFIXES = ("time_", "peakmem_", "track_")
+
+
+def _benchmarks():
+    for module_name in MODULES:
+        module = importlib.import_module(module_name)
+        for class_name, cls in inspect.getmembers(module, inspect.isclass):
+            if cls.__module__ != module.__name__:
+                continue
+            for name, _ in inspect.getmembers(cls, inspect.isfunction):
+                if name.startswith(PREFIXES):
+                    yield pytest.param(
+                        cls, name, id=f"{module_name.split('.')[-1]}.{class_name}.{name}"
+                    )
+
+
+def _smallest(cls):
+    """The tiny case where there is one, else each parameter's first value."""
+    return [("tiny" if "tiny" in values else values[0]) for values in cls.params]
+
+
+@pytest.mark.parametrize(("cls", "name"), list(_benchmarks()))
+def test_benchmark_runs(cls, name):
+    threads = numba.get_num_threads()
+    params = _smallest(cls)
+    instance = cls()
+    instance.setup(*params)
+    try:
+        result = getattr(instance, name)(*params)
+        if name.startswith("track_"):
+            assert result > 0
+            assert getattr(cls, name).unit
+    finally:
+        if hasattr(instance, "teardown"):
+            instance.teardown(*params)
+    assert numba.get_num_threads() == threads
+
+
+def test_every_class_declares_its_parameters():
+    classes = {test.values[0] for test in _benchmarks()}
+    assert len(classes) >= 4
+    for cls in classes:
+        assert len(cls.params) == len(cls.param_names)
