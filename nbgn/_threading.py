@@ -6,19 +6,23 @@ The layers, as they behave on Linux:
 layer      thread-safe fork-safe note
 ========== =========== ========= ==========================================================
 tbb        yes         yes       needs ``libtbb.so.12`` (``pip install tbb``), see below
-omp        yes         no        GNU OpenMP: a child forked after a parallel kernel is killed
-workqueue  no          yes       concurrent launches from two threads abort the process
+omp        yes         no        GNU OpenMP: a child forked after a parallel kernel dies when
+                                 it starts one; Numba's default where tbb is missing
+workqueue  no          yes       concurrent launches from two threads abort the process; and
+                                 each launch costs ~10x more than on the others
 ========== =========== ========= ==========================================================
 
-Numba's default order picks GNU OpenMP where tbb is missing, so a data loader that forks workers after
-one parallel call loses them. nbgn therefore:
+So at import nbgn:
 
-1. leaves the choice alone when the user made one (``NUMBA_THREADING_LAYER`` or
+1. makes tbb loadable if it is installed: the ``tbb`` wheel puts ``libtbb.so.12`` in the
+   environment's ``lib/``, where the dynamic loader does not look, so nbgn loads it by path first
+   (RTLD_GLOBAL). This also serves a user who asked for tbb;
+2. leaves the choice alone when the user made one (``NUMBA_THREADING_LAYER`` or
    ``numba.config.THREADING_LAYER``) or when Numba's threads already run;
-2. otherwise prefers tbb. The ``tbb`` wheel puts ``libtbb.so.12`` in the environment's ``lib/``, where
-   the dynamic loader does not look; loading it by path first (RTLD_GLOBAL) lets Numba find it;
-3. otherwise picks workqueue, which survives forks, and serializes nbgn's own parallel launches with a
-   lock, since workqueue is not thread-safe. Other parallel Numba code of the user's is out of reach.
+3. otherwise picks tbb when it loads, else keeps Numba's default (GNU OpenMP, thread-safe and fast).
+   A child forked after GNU OpenMP threads ran would die starting a parallel kernel, so in such a
+   child nbgn runs its serial kernels instead (``serial_only()``), as data-loader workers want anyway;
+4. serializes nbgn's own parallel launches with a lock when the layer is workqueue.
 
 ``describe()`` says what was chosen and why; ``python -m nbgn info`` prints it.
 """
@@ -43,7 +47,12 @@ _TBB_FILES = {
 
 _LOCK = threading.Lock()
 _NO_LOCK = contextlib.nullcontext()
-_choice: dict[str, Any] = {"layer": None, "reason": "not configured yet", "tbb_library": None}
+_choice: dict[str, Any] = {
+    "layer": None,
+    "reason": "not configured yet",
+    "tbb_library": None,
+    "serial_only": False,
+}
 
 
 def _threads_running() -> bool:
@@ -90,28 +99,48 @@ def _load_tbb() -> str | None:
     return None
 
 
+#: Layer names under which Numba may pick tbb (a user's choice that tbb must be loadable for).
+_MAY_USE_TBB = ("tbb", "default", "safe", "threadsafe", "forksafe")
+
+
 def configure() -> None:
     """Choose the threading layer (once; cheap when called again). Runs at ``import nbgn``."""
     if _choice["layer"] is not None:
         return
+    os.register_at_fork(after_in_child=_after_fork_in_child)
     if _threads_running():
-        layer = numba.threading_layer()
-        reason = "already running when nbgn was imported; left as it is"
-    elif (user_layer := _user_choice()) is not None:
-        layer = user_layer
-        reason = "chosen by the user (NUMBA_THREADING_LAYER or numba.config.THREADING_LAYER)"
-    elif (library := _load_tbb()) is not None:
-        layer = numba.config.THREADING_LAYER = "tbb"
-        reason = "tbb is thread-safe and fork-safe"
-        _choice["tbb_library"] = library
-    else:
-        layer = numba.config.THREADING_LAYER = "workqueue"
-        reason = (
-            "tbb could not be loaded (pip install tbb): workqueue survives fork, and nbgn "
-            "serializes its parallel kernels because workqueue is not thread-safe"
+        _choice["layer"] = numba.threading_layer()
+        _choice["reason"] = "already running when nbgn was imported; left as it is"
+        return
+    user_layer = _user_choice()
+    if user_layer is None or user_layer in _MAY_USE_TBB:
+        _choice["tbb_library"] = _load_tbb()
+    if user_layer is not None:
+        _choice["layer"] = user_layer
+        _choice["reason"] = (
+            "chosen by the user (NUMBA_THREADING_LAYER or numba.config.THREADING_LAYER)"
         )
-    _choice["layer"] = layer
-    _choice["reason"] = reason
+    elif _choice["tbb_library"] is not None:
+        _choice["layer"] = numba.config.THREADING_LAYER = "tbb"
+        _choice["reason"] = "tbb is thread-safe and fork-safe"
+    else:
+        _choice["layer"] = "default"
+        _choice["reason"] = (
+            "tbb is not installed (pip install tbb): Numba's default order (GNU OpenMP first); "
+            "in a process forked after OpenMP threads ran, nbgn runs its serial kernels"
+        )
+
+
+def _after_fork_in_child() -> None:
+    if _threads_running() and numba.threading_layer() == "omp":
+        from numba.np.ufunc import omppool
+
+        _choice["serial_only"] = omppool.openmp_vendor == "GNU"
+
+
+def serial_only() -> bool:
+    """True in a child forked after GNU OpenMP threads ran: parallel kernels would kill it."""
+    return _choice["serial_only"]
 
 
 def _active_layer() -> str | None:
@@ -121,12 +150,13 @@ def _active_layer() -> str | None:
 def kernel_guard() -> contextlib.AbstractContextManager:
     """The context every parallel kernel launch runs in: a lock when the layer is not thread-safe.
 
-    Before Numba has started its threads the layer is the configured one; named choices other
-    than tbb and omp ("workqueue", or priorities such as "forksafe") may resolve to workqueue and
-    are serialized until the active layer is known.
+    Before Numba has started its threads the layer is the configured one; "workqueue" and
+    "forksafe" (which may resolve to workqueue) are serialized until the active layer is known.
+    Numba's default order only reaches workqueue when neither tbb nor OpenMP loads; the lock
+    follows once that is known.
     """
     layer = _active_layer() or _choice["layer"]
-    return _NO_LOCK if layer in ("tbb", "omp", "threadsafe", "safe") else _LOCK
+    return _NO_LOCK if layer in ("tbb", "omp", "threadsafe", "safe", "default") else _LOCK
 
 
 def describe() -> dict[str, Any]:
@@ -138,6 +168,7 @@ def describe() -> dict[str, Any]:
         "active": active,
         "reason": _choice["reason"],
         "serialized": kernel_guard() is _LOCK,
+        "serial_only": serial_only(),
         "tbb_library": _choice["tbb_library"],
         "threads": numba.get_num_threads(),
         "max_threads": numba.config.NUMBA_NUM_THREADS,

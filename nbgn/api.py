@@ -116,7 +116,11 @@ def group_moments(
         x = np.ascontiguousarray(x)
         channels_last = geometry.channels_last
     flat = _flat(x, geometry, channels_last)
-    parts = _plan(geometry, channels_last).parts
+    parallel, parts = _plan(geometry, channels_last)
+    if not parallel:
+        partial, refs = _partial_moments(flat, geometry, channels_last, 1, serial=True)
+        mean, var = moments.finish_moments_serial(partial, refs, 1)
+        return mean.reshape(shape), var.reshape(shape)
     with _threading.kernel_guard():
         partial, refs = _partial_moments(flat, geometry, channels_last, parts)
         mean, var = moments.finish_moments(partial, refs, parts)
@@ -160,11 +164,13 @@ def _plan(geometry: Geometry, channels_last: bool) -> _schedule.Plan:
     return _schedule.plan(n * g, (c // g) * s)
 
 
-def _partial_moments(flat, geometry, channels_last, parts):
+def _partial_moments(flat, geometry, channels_last, parts, serial=False):
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
     if channels_last:
-        return nhwc.partial_moments(flat, n, s, c, g, parts)
-    return nchw.partial_moments(flat, n, c, s, g, parts)
+        kernel = nhwc.partial_moments_serial if serial else nhwc.partial_moments
+        return kernel(flat, n, s, c, g, parts)
+    kernel = nchw.partial_moments_serial if serial else nchw.partial_moments
+    return kernel(flat, n, c, s, g, parts)
 
 
 def _run(x, out, geometry, channels_last, weight, bias, eps):

@@ -29,27 +29,37 @@ SCENARIO = textwrap.dedent(
         grouped = x.astype(np.float64).reshape(4, 4, -1)
         mean = grouped.mean(-1, keepdims=True)
         expected = ((grouped - mean) / np.sqrt(grouped.var(-1, keepdims=True) + 1e-5)).reshape(x.shape)
+        moments = nbgn.group_moments(x, 4)
+        assert np.allclose(moments[0], grouped.mean(-1)) and np.allclose(moments[1], grouped.var(-1))
         return float(np.abs(y - expected).max())
+
+
+    def forked_serial_only(_):
+        return nbgn.info()["threading"]["serial_only"]
 
 
     if __name__ == "__main__":
         assert normalize(0) < 2e-5  # the parent starts the threading layer first
         with mp.get_context("fork").Pool(2) as pool:  # DataLoader-style workers
             assert max(pool.map(normalize, range(8))) < 2e-5
+            serial_children = set(pool.map(forked_serial_only, range(2)))
         for method in ("fork", "spawn"):
             context = mp.get_context(method)
             with ProcessPoolExecutor(max_workers=2, mp_context=context) as executor:
                 assert max(executor.map(normalize, range(4))) < 2e-5
         assert normalize(1) < 2e-5
-        print("OK", nbgn.info()["threading"]["active"])
+        print("OK", nbgn.info()["threading"]["active"], *serial_children)
     """
 )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("prelude", "expected_layer"), [("", "tbb"), (HIDE_TBB, "workqueue")],
-                         ids=["tbb", "without-tbb"])  # fmt: skip
-def test_children_run_after_parent_used_parallel_kernels(tmp_path, prelude, expected_layer):
+@pytest.mark.parametrize(
+    ("prelude", "expected"),
+    [("", ["tbb", "False"]), (HIDE_TBB, ["omp", "True"])],
+    ids=["tbb", "without-tbb"],
+)
+def test_children_run_after_parent_used_parallel_kernels(tmp_path, prelude, expected):
     script = tmp_path / "scenario.py"
     script.write_text(SCENARIO.format(prelude=prelude))
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
@@ -58,7 +68,7 @@ def test_children_run_after_parent_used_parallel_kernels(tmp_path, prelude, expe
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fork() called from a process already using GNU OpenMP" not in result.stderr
-    assert result.stdout.split() == ["OK", expected_layer]
+    assert result.stdout.split() == ["OK", *expected]  # layer; forked children serial-only
 
 
 def test_info_command():
@@ -74,5 +84,5 @@ def test_info_command():
     details = json.loads(result.stdout)
     for key in ("nbgn", "numpy", "numba", "threading", "cache_dir", "cpu", "vector_features"):
         assert key in details
-    assert details["threading"]["configured"] in ("tbb", "workqueue")
+    assert details["threading"]["configured"] in ("tbb", "default")
     assert details["threading"]["reason"]

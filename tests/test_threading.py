@@ -89,10 +89,15 @@ def _run(prelude, env_extra=None):
 
 
 @pytest.mark.slow
-def test_threads_without_tbb_fall_back_to_serialized_workqueue():
+def test_threads_without_tbb_run_on_numbas_default():
     layer, serialized = _run(HIDE_TBB)
-    assert layer == "workqueue"
-    assert serialized == "True"
+    assert (layer, serialized) == ("omp", "False")
+
+
+@pytest.mark.slow
+def test_user_chosen_tbb_is_made_loadable():
+    layer, serialized = _run("", {"NUMBA_THREADING_LAYER": "tbb"})
+    assert (layer, serialized) == ("tbb", "False")
 
 
 @pytest.mark.slow

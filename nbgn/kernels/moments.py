@@ -29,6 +29,8 @@ import numpy as np
 from numba.core import types
 from numba.extending import overload
 
+from ._compile import parallel_and_serial
+
 #: Elements per chunk: long enough that the per-chunk merge (and, for NHWC, the fold of the lane
 #: sums into group sums) costs nothing measurable, short enough that ``s2 - s1**2 / n`` cancels at
 #: most ``log10(CHUNK)``, under 5 of float64's 16 digits, and that a chunk stays in L1/L2.
@@ -181,8 +183,7 @@ def apply_reversed(x, out, start, stop, center, scale, shift):
         chunk_stop = chunk_start
 
 
-@numba.njit(cache=True, parallel=True)
-def finish_moments(partial, refs, num_parts):
+def _finish_moments(partial, refs, num_parts):
     """Merge per-part moments and return float64 ``(mean, var)`` per group, shape ``(groups,)``."""
     num_rows = refs.shape[0]
     mean = np.empty(num_rows)
@@ -196,6 +197,9 @@ def finish_moments(partial, refs, num_parts):
         mean[row] = mean_hi + mean_lo
         var[row] = group_var
     return mean, var
+
+
+finish_moments, finish_moments_serial = parallel_and_serial(_finish_moments)
 
 
 @numba.njit(cache=True, parallel=True)

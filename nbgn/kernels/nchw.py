@@ -63,8 +63,7 @@ def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
 
 
-@numba.njit(cache=True, parallel=True)
-def partial_moments(x, num_samples, channels, spatial, num_groups, num_parts):
+def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts):
     """Moments of ``num_parts`` pieces of every slab, for when slabs are fewer than threads.
 
     Returns
@@ -86,6 +85,9 @@ def partial_moments(x, num_samples, channels, spatial, num_groups, num_parts):
         slab_start = slab * slab_length
         contiguous_moments(x, slab_start + start, slab_start + stop, refs[slab], partial, item)
     return partial, refs
+
+
+partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 
 
 @numba.njit(cache=True, parallel=True)

@@ -239,8 +239,7 @@ def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
 
 
-@numba.njit(cache=True, parallel=True)
-def partial_moments(x, num_samples, spatial, channels, num_groups, num_parts):
+def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts):
     """Moments of ``num_parts`` position ranges of every sample, for when samples are few.
 
     Returns
@@ -265,6 +264,9 @@ def partial_moments(x, num_samples, spatial, channels, num_groups, num_parts):
             for p in range(num_parts):
                 partial[(n * num_groups + g) * num_parts + p] = by_part[n * num_parts + p, g]
     return partial, refs
+
+
+partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 
 
 @numba.njit(cache=True, parallel=True)
