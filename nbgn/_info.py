@@ -12,6 +12,7 @@ from importlib import metadata
 from typing import Any
 
 import numba
+import numpy as np
 
 from . import _threading
 
@@ -47,10 +48,16 @@ def _cpu_features() -> dict[str, Any]:
 
 
 def _cache_directory() -> str:
-    """Where Numba caches nbgn's compiled kernels."""
-    if numba.config.CACHE_DIR:
-        return numba.config.CACHE_DIR
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")
+    """Where Numba caches nbgn's compiled kernels (``NUMBA_CACHE_DIR``, else next to the sources
+    when that is writable, else Numba's per-user cache directory)."""
+    from .kernels import nchw
+
+    try:
+        return nchw.group_norm_fused._cache._cache_path  # Numba's own locator decided this
+    except AttributeError:  # a Numba without this private attribute: the documented rule
+        if numba.config.CACHE_DIR:
+            return numba.config.CACHE_DIR
+        return os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")
 
 
 def info() -> dict[str, Any]:
@@ -103,6 +110,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     args = parser.parse_args(argv)
+    # Numba loads its threading layer at the first parallel launch: one tiny launch here makes
+    # "active" report the layer that really loads on this machine, not just the configured name.
+    from .kernels import roofline
+
+    roofline.scale_inplace(np.ones(64))
     details = info()
     print(json.dumps(details, indent=2) if args.json else format_info(details))
     return 0

@@ -56,8 +56,13 @@ SCENARIO = textwrap.dedent(
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("prelude", "expected"),
-    [("", ["tbb", "False"]), (HIDE_TBB, ["omp", "True"])],
-    ids=["tbb", "without-tbb"],
+    [
+        ("", ["omp", "True"]),
+        (HIDE_TBB, ["omp", "True"]),
+        ("import os; os.environ['NUMBA_THREADING_LAYER'] = 'tbb'", ["tbb", "False"]),
+        ("import os; os.environ['NUMBA_THREADING_LAYER'] = 'workqueue'", ["workqueue", "False"]),
+    ],
+    ids=["default", "without-tbb", "user-tbb", "user-workqueue"],
 )
 def test_children_run_after_parent_used_parallel_kernels(tmp_path, prelude, expected):
     script = tmp_path / "scenario.py"

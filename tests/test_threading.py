@@ -89,8 +89,9 @@ def _run(prelude, env_extra=None):
 
 
 @pytest.mark.slow
-def test_threads_without_tbb_run_on_numbas_default():
-    layer, serialized = _run(HIDE_TBB)
+@pytest.mark.parametrize("prelude", ["", HIDE_TBB], ids=["default", "without-tbb"])
+def test_threads_on_the_default_layer(prelude):
+    layer, serialized = _run(prelude)
     assert (layer, serialized) == ("omp", "False")
 
 
@@ -110,6 +111,38 @@ def test_threads_with_a_user_chosen_workqueue_are_serialized():
 def test_user_chosen_omp_is_respected():
     layer, serialized = _run("", {"NUMBA_THREADING_LAYER": "omp"})
     assert (layer, serialized) == ("omp", "False")
+
+
+@pytest.mark.slow
+def test_user_priority_is_respected():
+    layer, serialized = _run("", {"NUMBA_THREADING_LAYER_PRIORITY": "tbb omp workqueue"})
+    assert (layer, serialized) == ("tbb", "False")
+
+
+#: As on a machine where Numba finds no OpenMP runtime (macOS pip wheels) and tbb is not installed.
+HIDE_OPENMP_AND_TBB = HIDE_TBB + '\nsys.modules["numba.np.ufunc.omppool"] = None\n'
+
+
+@pytest.mark.slow
+def test_threads_where_the_default_falls_through_to_workqueue_are_serialized():
+    layer, serialized = _run(HIDE_OPENMP_AND_TBB)
+    assert (layer, serialized) == ("workqueue", "True")
+
+
+def test_first_launches_are_serialized_until_numba_has_resolved_the_default():
+    # Threads racing to the first launch would reach an unresolved workqueue concurrently.
+    code = HIDE_OPENMP_AND_TBB + (
+        "import nbgn, numpy as np\n"
+        "from nbgn import _threading\n"
+        "before = _threading.kernel_guard() is _threading._LOCK\n"
+        "nbgn.group_norm(np.ones((2, 64, 32, 32)), 2)\n"
+        "print(before, nbgn.info()['threading']['active'])\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "workqueue"]
 
 
 def test_set_num_threads_is_respected():
