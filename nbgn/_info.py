@@ -60,6 +60,17 @@ def _cache_directory() -> str:
         return os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels", "__pycache__")
 
 
+def _openmp_vendor() -> str | None:
+    """Whose OpenMP Numba's omp layer runs on, where it loaded: GNU's is not fork-safe, Intel's is."""
+    from numba.np.ufunc import parallel
+
+    if not parallel._is_initialized or numba.threading_layer() != "omp":
+        return None
+    from numba.np.ufunc import omppool
+
+    return omppool.openmp_vendor
+
+
 def info() -> dict[str, Any]:
     """Versions, threading layer and threads, cache directory and CPU, as a JSON-able dict."""
     from . import __version__
@@ -76,7 +87,7 @@ def info() -> dict[str, Any]:
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         **_cpu_features(),
-        "threading": _threading.describe(),
+        "threading": {**_threading.describe(), "openmp": _openmp_vendor()},
         "cache_dir": _cache_directory(),
         "environment": {
             name: os.environ[name]

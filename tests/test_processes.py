@@ -91,3 +91,6 @@ def test_info_command():
         assert key in details
     assert details["threading"]["configured"] in ("tbb", "default")
     assert details["threading"]["reason"]
+    # The command launches one parallel kernel, so it reports the layer that really loaded.
+    assert details["threading"]["active"] in ("tbb", "omp", "workqueue")
+    assert details["threading"]["serialized"] == (details["threading"]["active"] == "workqueue")
