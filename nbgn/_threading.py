@@ -67,7 +67,10 @@ def _user_choice() -> str | None:
     layer = numba.config.THREADING_LAYER
     if os.environ.get("NUMBA_THREADING_LAYER") or layer != "default":
         return layer
-    if os.environ.get("NUMBA_THREADING_LAYER_PRIORITY"):
+    # Numba's own default order, unless set by the environment or in numba.config before import.
+    if os.environ.get("NUMBA_THREADING_LAYER_PRIORITY") or list(
+        numba.config.THREADING_LAYER_PRIORITY
+    ) != ["tbb", "omp", "workqueue"]:
         return "default"
     return None
 

@@ -1,5 +1,11 @@
-"""Memory: in place allocates nothing proportional to the input, and nothing leaks."""
+"""Memory: in place allocates nothing proportional to the input, and nothing leaks.
 
+tracemalloc sees NumPy's allocations (a hidden copy in the Python layer); the peak resident set
+also sees what Numba's runtime allocates inside the kernels, which tracemalloc does not.
+"""
+
+import os
+import re
 import tracemalloc
 
 import numpy as np
@@ -55,3 +61,42 @@ def test_resident_memory_is_flat_over_thousands_of_calls():
     calls(4500)
     growth = process.memory_info().rss - before
     assert growth < 4 * 2**20, f"resident memory grew by {growth / 2**20:.1f} MiB"
+
+
+def _status_bytes(key):
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"^{key}:\s+(\d+) kB", status.read(), re.MULTILINE).group(1)) * 1024
+
+
+def _peak_growth(call):
+    """Bytes the resident set peaked above its level before ``call``; returns (growth, result)."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # resets VmHWM, the peak resident set, to the current one
+    before = _status_bytes("VmRSS")
+    result = call()
+    return _status_bytes("VmHWM") - before, result
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK),
+    reason="needs Linux's /proc/self/clear_refs to reset the peak resident set size",
+)
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [((8, 32, 256, 512), 8), ((1, 8, 2048, 2048), 1)],  # one slab per thread; slabs split in parts
+    ids=["slabs", "split"],
+)
+def test_peak_resident_memory_in_place_and_allocating(shape, groups, layout):
+    rng = np.random.default_rng(0)
+    if layout == "NHWC":
+        shape = (shape[0], *shape[2:], shape[1])
+    x = rng.standard_normal(shape, dtype=np.float32)  # 128 MiB
+    nbgn.group_norm(x, groups, layout=layout, out=x)  # compile; fault in the threads' stacks
+    nbgn.group_norm(x, groups, layout=layout)
+    in_place, _ = _peak_growth(lambda: nbgn.group_norm(x, groups, layout=layout, out=x))
+    allocating, y = _peak_growth(lambda: nbgn.group_norm(x, groups, layout=layout))
+    assert in_place <= 0.03 * x.nbytes, f"in place peaked {in_place / 2**20:.1f} MiB higher"
+    assert allocating <= 1.03 * x.nbytes, f"allocating peaked {allocating / 2**20:.1f} MiB higher"
+    assert y.shape == x.shape

@@ -11,6 +11,7 @@ import textwrap
 
 import pytest
 from snippets import HIDE_TBB
+from test_threading import HIDE_OPENMP_AND_TBB
 
 SCENARIO = textwrap.dedent(
     """
@@ -61,8 +62,9 @@ SCENARIO = textwrap.dedent(
         (HIDE_TBB, ["omp", "True"]),
         ("import os; os.environ['NUMBA_THREADING_LAYER'] = 'tbb'", ["tbb", "False"]),
         ("import os; os.environ['NUMBA_THREADING_LAYER'] = 'workqueue'", ["workqueue", "False"]),
+        (HIDE_OPENMP_AND_TBB, ["workqueue", "False"]),
     ],
-    ids=["default", "without-tbb", "user-tbb", "user-workqueue"],
+    ids=["default", "without-tbb", "user-tbb", "user-workqueue", "without-openmp-and-tbb"],
 )
 def test_children_run_after_parent_used_parallel_kernels(tmp_path, prelude, expected):
     script = tmp_path / "scenario.py"
@@ -74,6 +76,54 @@ def test_children_run_after_parent_used_parallel_kernels(tmp_path, prelude, expe
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fork() called from a process already using GNU OpenMP" not in result.stderr
     assert result.stdout.split() == ["OK", *expected]  # layer; forked children serial-only
+
+
+DATA_LOADER = textwrap.dedent(
+    """
+    import numpy as np
+    from torch.utils.data import DataLoader, Dataset
+
+    import nbgn
+
+
+    class Normalized(Dataset):
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, index):
+            x = np.random.default_rng(index).standard_normal((4, 16, 48, 48)).astype(np.float32)
+            grouped = x.astype(np.float64).reshape(4, 4, -1)
+            mean = grouped.mean(-1, keepdims=True)
+            expected = (grouped - mean) / np.sqrt(grouped.var(-1, keepdims=True) + 1e-5)
+            error = np.abs(nbgn.group_norm(x, 4) - expected.reshape(x.shape)).max()
+            return float(error), nbgn.info()["threading"]["serial_only"]
+
+
+    if __name__ == "__main__":
+        assert Normalized()[0][0] < 2e-5  # the parent starts the threading layer first
+        for method in ("fork", "spawn"):
+            loader = DataLoader(Normalized(), batch_size=4, num_workers=2, multiprocessing_context=method)
+            batches = list(loader)
+            assert len(batches) == 4 and all(float(errors.max()) < 2e-5 for errors, _ in batches)
+            print(method, *sorted({bool(flag) for _, flags in batches for flag in flags}))
+    """
+)
+
+
+@pytest.mark.slow
+def test_pytorch_data_loader_workers_after_parent_used_parallel_kernels(tmp_path):
+    pytest.importorskip("torch")
+    script = tmp_path / "loader.py"
+    script.write_text(DATA_LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
+    result = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "fork() called from a process already using GNU OpenMP" not in result.stderr
+    lines = result.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["fork", "spawn"]
+    assert lines[1].split()[1:] == ["False"]  # spawned workers start afresh, in parallel
 
 
 def test_info_command():

@@ -114,13 +114,21 @@ def test_user_chosen_omp_is_respected():
 
 
 @pytest.mark.slow
-def test_user_priority_is_respected():
-    layer, serialized = _run("", {"NUMBA_THREADING_LAYER_PRIORITY": "tbb omp workqueue"})
+@pytest.mark.parametrize(
+    ("prelude", "env"),
+    [
+        ("", {"NUMBA_THREADING_LAYER_PRIORITY": "tbb omp workqueue"}),
+        ("import numba; numba.config.THREADING_LAYER_PRIORITY = ['tbb', 'workqueue', 'omp']", {}),
+    ],
+    ids=["environment", "numba.config"],
+)
+def test_user_priority_is_respected(prelude, env):
+    layer, serialized = _run(prelude, env)
     assert (layer, serialized) == ("tbb", "False")
 
 
 #: As on a machine where Numba finds no OpenMP runtime (macOS pip wheels) and tbb is not installed.
-HIDE_OPENMP_AND_TBB = HIDE_TBB + '\nsys.modules["numba.np.ufunc.omppool"] = None\n'
+HIDE_OPENMP_AND_TBB = HIDE_TBB + 'import sys\nsys.modules["numba.np.ufunc.omppool"] = None\n'
 
 
 @pytest.mark.slow
@@ -139,7 +147,7 @@ def test_first_launches_are_serialized_until_numba_has_resolved_the_default():
         "print(before, nbgn.info()['threading']['active'])\n"
     )
     result = subprocess.run(
-        [sys.executable, "-c", "import sys\n" + code], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["True", "workqueue"]

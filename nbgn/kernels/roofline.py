@@ -6,19 +6,25 @@ of the memory-bandwidth limit that nbgn reaches (1.0 means it moves no more byte
 read-modify-write pass, at the same speed).
 """
 
-import numba
 import numpy as np
 from numba import prange
 
+from .. import _threading
+from ._compile import parallel_and_serial
 
-@numba.njit(parallel=True, cache=True, fastmath={"contract", "arcp", "nsz"})
-def _scale_flat(flat, factor):
+
+def _scale(flat, factor):
     for i in prange(flat.size):
         flat[i] *= factor
+
+
+_scale_flat, _scale_flat_serial = parallel_and_serial(_scale)
 
 
 def scale_inplace(x: np.ndarray, factor: float = 1.0) -> None:
     """Multiply a C-contiguous float array by ``factor`` in place, in parallel (the roofline pass)."""
     if not x.flags.c_contiguous:
         raise ValueError("scale_inplace needs a C-contiguous array: pass np.ascontiguousarray(x).")
-    _scale_flat(x.reshape(-1), x.dtype.type(factor))
+    # Serial in a child forked after GNU OpenMP threads ran, where a parallel launch would kill it.
+    scale = _scale_flat_serial if _threading.serial_only() else _scale_flat
+    scale(x.reshape(-1), x.dtype.type(factor))
