@@ -50,6 +50,14 @@ def test_benchmark_runs(cls, name):
     assert numba.get_num_threads() == threads
 
 
+def test_asv_discovers_exactly_the_benchmarks_run_here():
+    # asv takes any module-level function named time_* (an import too) for a benchmark.
+    discovery = pytest.importorskip("asv_runner.discovery")
+    found = {b.name for b in discovery.disc_benchmarks(str(ROOT / "asv_bench" / "benchmarks"))}
+    run_here = {test.id for test in _benchmarks()}
+    assert found == run_here
+
+
 def test_every_class_declares_its_parameters():
     classes = {test.values[0] for test in _benchmarks()}
     assert len(classes) >= 4
