@@ -2,6 +2,8 @@
 
 import importlib
 import inspect
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -63,3 +65,45 @@ def test_every_class_declares_its_parameters():
     assert len(classes) >= 4
     for cls in classes:
         assert len(cls.params) == len(cls.param_names)
+
+
+PEAKMEM = """
+import re, sys
+sys.path.insert(0, {asv_bench!r})
+from benchmarks.bench_memory import GroupNormPeakMemory
+benchmark = GroupNormPeakMemory()
+benchmark.setup("seed", "NCHW")
+getattr(benchmark, {name!r})("seed", "NCHW")
+with open("/proc/self/status") as status:
+    peak_kib = re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1)
+print(int(peak_kib) * 1024, benchmark.x.nbytes)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads Linux's VmHWM")
+def test_peakmem_tells_in_place_from_allocating(tmp_path):
+    # asv's peakmem_ is the peak of the whole process, setup included (as here): a setup that
+    # peaked above x plus the output (it drew float64 and cast) hid the output allocation. A cold
+    # cache makes setup compile too. VmHWM is that peak without the floor ru_maxrss inherits
+    # from the parent (pytest here; in asv, its small forkserver).
+    names = ["peakmem_group_norm_inplace", "peakmem_group_norm_allocating"]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", PEAKMEM.format(asv_bench=str(ROOT / "asv_bench"), name=name)],
+            env={**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / name)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in names
+    ]
+    peaks = {}
+    for name, process in zip(names, processes, strict=True):
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, stderr
+        peaks[name], nbytes = map(int, stdout.split())
+    grew = peaks["peakmem_group_norm_allocating"] - peaks["peakmem_group_norm_inplace"]
+    assert 0.9 * nbytes <= grew <= 1.2 * nbytes, (
+        f"{grew / 2**20:.0f} MiB for a {nbytes / 2**20:.0f} MiB output"
+    )

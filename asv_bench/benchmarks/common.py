@@ -17,11 +17,14 @@ THREADS = ["1", "all"]
 
 
 def make_input(case, layout, dtype):
-    """A random array for ``case`` in ``layout``, with per-channel weight and bias."""
+    """A random array for ``case`` in ``layout``, with per-channel weight and bias.
+
+    Drawn directly in its dtype and memory order: a ``peakmem_`` figure is the peak of the whole
+    process, setup included, so a temporary larger than ``x`` here would hide what the call adds.
+    """
     shape, groups = CASES[case]
-    x = np.random.default_rng(0).random(shape, dtype=np.float64).astype(dtype)
-    if layout == "NHWC":
-        x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    in_layout = shape if layout == "NCHW" else (shape[0], *shape[2:], shape[1])
+    x = np.random.default_rng(0).random(in_layout, dtype=np.dtype(dtype).type)
     weight = np.linspace(0.5, 1.5, shape[1]).astype(dtype)
     bias = np.linspace(-1.0, 1.0, shape[1]).astype(dtype)
     return x, groups, weight, bias
