@@ -117,12 +117,13 @@ def group_moments(
         channels_last = geometry.channels_last
     flat = _flat(x, geometry, channels_last)
     parallel, parts = _plan(geometry, channels_last)
+    # The moments a caller asks for are summed in float64 throughout: exact to float64 rounding.
     if not parallel:
-        partial, refs = _partial_moments(flat, geometry, channels_last, 1, serial=True)
+        partial, refs = _partial_moments(flat, geometry, channels_last, 1, False, serial=True)
         mean, var = moments.finish_moments_serial(partial, refs, 1)
         return mean.reshape(shape), var.reshape(shape)
     with _threading.kernel_guard():
-        partial, refs = _partial_moments(flat, geometry, channels_last, parts)
+        partial, refs = _partial_moments(flat, geometry, channels_last, parts, False)
         mean, var = moments.finish_moments(partial, refs, parts)
     return mean.reshape(shape), var.reshape(shape)
 
@@ -164,13 +165,13 @@ def _plan(geometry: Geometry, channels_last: bool) -> _schedule.Plan:
     return _schedule.plan(n * g, (c // g) * s)
 
 
-def _partial_moments(flat, geometry, channels_last, parts, serial=False):
+def _partial_moments(flat, geometry, channels_last, parts, native, serial=False):
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
     if channels_last:
         kernel = nhwc.partial_moments_serial if serial else nhwc.partial_moments
-        return kernel(flat, n, s, c, g, parts)
+        return kernel(flat, n, s, c, g, parts, native)
     kernel = nchw.partial_moments_serial if serial else nchw.partial_moments
-    return kernel(flat, n, c, s, g, parts)
+    return kernel(flat, n, c, s, g, parts, native)
 
 
 def _run(x, out, geometry, channels_last, weight, bias, eps):
@@ -179,17 +180,19 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
     source = _flat(x, geometry, channels_last)
     target = None if out is None else _flat(out, geometry, channels_last)
     parallel, parts = _plan(geometry, channels_last)
+    native = eps >= moments.NATIVE_MIN_EPS
     if not parallel:
         fused = nhwc.group_norm_fused_serial if channels_last else nchw.group_norm_fused_serial
-        fused(source, target, n, *((s, c) if channels_last else (c, s)), g, weight, bias, eps)
+        dims = (s, c) if channels_last else (c, s)
+        fused(source, target, n, *dims, g, weight, bias, eps, native)
         return x if out is None else out
     with _threading.kernel_guard():
         if parts == 1 and channels_last:
-            nhwc.group_norm_fused(source, target, n, s, c, g, weight, bias, eps)
+            nhwc.group_norm_fused(source, target, n, s, c, g, weight, bias, eps, native)
         elif parts == 1:
-            nchw.group_norm_fused(source, target, n, c, s, g, weight, bias, eps)
+            nchw.group_norm_fused(source, target, n, c, s, g, weight, bias, eps, native)
         else:
-            partial, refs = _partial_moments(source, geometry, channels_last, parts)
+            partial, refs = _partial_moments(source, geometry, channels_last, parts, native)
             coefficients = moments.channel_coefficients(
                 partial, refs, parts, c, g, weight, bias, eps, source
             )

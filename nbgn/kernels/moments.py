@@ -2,25 +2,35 @@
 
 The algorithm (one read of the input):
 
-1. The input is consumed in *chunks* of about ``CHUNK`` elements. Each chunk subtracts a *pivot*, one
-   of its own values, and accumulates the shifted sums ``s1 = sum(x - pivot)`` and
-   ``s2 = sum((x - pivot)**2)`` in float64. Because the pivot is a member of the data, the shifted
-   values are of the order of the spread, not of the mean, so ``m2 = s2 - s1**2 / n`` cancels at
-   most ``log10(n_chunk)`` digits even when the mean is 1e8 standard deviations from zero.
-2. Chunks are merged with Chan's pairwise formula, whose terms are all non-negative: no cancellation.
-   Every running mean is kept as an *offset* from a reference value ``ref`` (the group's first
-   element), so the mean is carried as ``ref + offset`` with more than float64 precision.
-3. ``finalize_group`` turns ``(count, offset, m2)`` into the mean as an unevaluated sum
+1. The input is consumed in *blocks* of up to ``BLOCK`` values. A block subtracts a *pivot* and
+   accumulates the shifted sums ``s1 = sum(x - pivot)`` and ``s2 = sum((x - pivot)**2)``. The pivot
+   is a value of the data within two standard deviations of the block's mean (checked, see 2), so
+   the shifted values are of the order of the spread, not of the mean: ``m2 = s2 - s1**2 / n``
+   cancels nothing even when the mean is 1e8 standard deviations from zero.
+2. The sums run in the input's precision (``native``): in float32, twice the SIMD lanes of float64,
+   which is what makes a cache-resident group norm fast. That stays accurate because every term is
+   of the order of the spread and each SIMD lane adds up only ``BLOCK / lanes`` of them before the
+   block's sums are flushed to float64. Two checks guard the assumption, so hostile data costs a
+   redo, never accuracy: a pivot further than ``REPIVOT`` standard deviations from the block's mean
+   (an outlier as first value, a jump in the data) redoes the block about its mean, and a
+   non-finite ``s2`` (float32 overflow, or NaN/Inf in the data) redoes it in float64.
+   With ``native=False`` (``group_moments``, and ``eps`` below ``NATIVE_MIN_EPS``, where float32
+   underflow of tiny spreads would matter) every block is summed in float64.
+3. Blocks are merged with Chan's pairwise formula in float64, whose terms are all non-negative: no
+   cancellation. Every running mean is kept as an *offset* from a reference value ``ref`` (the
+   group's first element), so the mean is carried as ``ref + offset`` with more than float64
+   precision.
+4. ``finalize_group`` turns ``(count, offset, m2)`` into the mean as an unevaluated sum
    ``mean_hi + mean_lo`` (TwoSum, exact), the population variance and ``rstd``.
-4. ``fold_channel`` folds mean, rstd, weight and bias into ``y = (x - center) * scale + shift`` per
+5. ``fold_channel`` folds mean, rstd, weight and bias into ``y = (x - center) * scale + shift`` per
    channel, where ``center`` is the mean rounded to the input dtype. ``x - center`` is exact
    (Sterbenz) where it matters, when x is close to the mean, so float32 output stays accurate even
    for a group with mean 3e4 and std 1e-2, where the usual ``x * scale + shift`` fold loses all digits.
 
 Statistics are stored as rows of three float64 values, indexed by ``COUNT``, ``OFFSET``, ``M2``.
 
-Fastmath: only the reduction loop (``shifted_sums``) gets ``reassoc``, which it needs to vectorize;
-merges and TwoSum must keep IEEE semantics or the compiler may simplify the error terms away. No
+Fastmath: only the reduction loops get ``reassoc`` (which they need to vectorize), ``contract`` and
+``nsz``; merges and TwoSum keep IEEE semantics or the compiler may simplify the error terms away. No
 function uses ``nnan``/``ninf``, so NaN and Inf propagate.
 """
 
@@ -28,29 +38,55 @@ import numba
 import numpy as np
 from numba.core import types
 from numba.extending import overload
+from numba.np.numpy_support import as_dtype
 
 from ._compile import parallel_and_serial
 
-#: Elements per chunk: long enough that the per-chunk merge (and, for NHWC, the fold of the lane
-#: sums into group sums) costs nothing measurable, short enough that ``s2 - s1**2 / n`` cancels at
-#: most ``log10(CHUNK)``, under 5 of float64's 16 digits, and that a chunk stays in L1/L2.
-CHUNK = 1 << 14
+#: Values per block. A vectorized float32 reduction keeps 32 to 64 partial sums (SIMD lanes times
+#: unrolling), so each adds at most 64 terms before the flush to float64: a relative error of at
+#: most ~70 float32 ulps of a sum of terms of the order of the variance. Long enough that the flush
+#: and merge (a few dozen instructions) cost ~2% of a block; 8 KiB of float32 stays in L1.
+BLOCK = 1 << 11
+
+#: Values per block when summing in float64, where precision does not depend on the block's length:
+#: long enough that the per-block work is negligible, short enough to stay in L1/L2.
+FLOAT64_BLOCK = 1 << 14
+
+#: A block's sums stand if ``(block mean - pivot)**2 <= REPIVOT * block variance``, i.e. the pivot
+#: lies within 2 standard deviations of the block's mean, which bounds the float32 sums' terms by
+#: 5 times the variance. Otherwise the block is summed again about its own mean.
+REPIVOT = 4.0
+
+#: Native (float32) sums need ``eps`` at least this large: below it, float32 underflow of squared
+#: deviations under 1e-19 could change ``var + eps`` (with ``eps`` 0 a spread of 1e-23 would read as
+#: a constant group). Every realistic ``eps`` is far above.
+NATIVE_MIN_EPS = 2.0**-60
+
+#: Elements per chunk of the reversed normalization (see ``apply_reversed``): 64 KiB of float32.
+APPLY_CHUNK = 1 << 14
 
 COUNT, OFFSET, M2 = 0, 1, 2
 
 REDUCTION_FASTMATH = {"reassoc", "contract", "nsz"}
 
 
+def cast_like(value, like):
+    """``value`` converted to the dtype of ``like`` (an array or a scalar), chosen at compile time."""
+
+
+@overload(cast_like, inline="always")
+def _cast_like(value, like):
+    target = as_dtype(like.dtype if isinstance(like, types.Array) else like).type
+    return lambda value, like: target(value)
+
+
 @numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
-def shifted_sums(flat, start, stop, pivot):
-    """``(sum(x - pivot), sum((x - pivot)**2))`` over ``flat[start:stop]``, in float64."""
-    # Indexing a slice from 0 lets LLVM see non-negative indices; indexing ``flat`` from ``start``
-    # keeps Numba's negative-index wraparound in the loop, which vectorizes into slow gathers.
-    values = flat[start:stop]
-    s1 = 0.0
-    s2 = 0.0
+def shifted_sums(values, pivot):
+    """``(sum(x - pivot), sum((x - pivot)**2))`` over ``values``, in the type of ``pivot``."""
+    s1 = cast_like(0.0, pivot)
+    s2 = cast_like(0.0, pivot)
     for i in range(values.size):
-        d = np.float64(values[i]) - pivot
+        d = values[i] - pivot
         s1 += d
         s2 += d * d
     return s1, s2
@@ -58,7 +94,7 @@ def shifted_sums(flat, start, stop, pivot):
 
 @numba.njit(inline="always")
 def merge_stats(stats, row, count, offset, m2):
-    """Chan's merge of a chunk ``(count, offset, m2)`` into ``stats[row]`` (same reference)."""
+    """Chan's merge of a block ``(count, offset, m2)`` into ``stats[row]`` (same reference)."""
     if count == 0:
         return
     n_a = stats[row, COUNT]
@@ -76,19 +112,55 @@ def merge_stats(stats, row, count, offset, m2):
 
 @numba.njit(inline="always")
 def merge_shifted_sums(stats, row, count, s1, s2, pivot, ref):
-    """Merge a chunk given by its shifted sums about ``pivot`` into ``stats[row]`` (about ``ref``)."""
+    """Merge a block given by its float64 shifted sums about ``pivot`` into ``stats[row]``."""
     mean_shift = s1 / count
     merge_stats(stats, row, count, (pivot - ref) + mean_shift, s2 - s1 * mean_shift)
 
 
 @numba.njit(inline="always")
-def contiguous_moments(flat, start, stop, ref, stats, row):
-    """Merge the moments of the contiguous run ``flat[start:stop]`` into ``stats[row]``."""
-    for chunk_start in range(start, stop, CHUNK):
-        chunk_stop = min(chunk_start + CHUNK, stop)
-        pivot = np.float64(flat[chunk_start])
-        s1, s2 = shifted_sums(flat, chunk_start, chunk_stop, pivot)
-        merge_shifted_sums(stats, row, chunk_stop - chunk_start, s1, s2, pivot, ref)
+def pivot_stands(count, s1, s2):
+    """False if the pivot lies more than ``sqrt(REPIVOT)`` standard deviations from the block's
+    mean (float64 sums). NaN or Inf sums stand: the finiteness check deals with them."""
+    mean_shift = s1 / count
+    return not mean_shift * mean_shift > REPIVOT * (s2 / count - mean_shift * mean_shift)
+
+
+@numba.njit(inline="always")
+def block_moments(block, pivot, native, ref, stats, row):
+    """Merge the moments of the contiguous ``block`` into ``stats[row]``, summed about ``pivot``
+    (input dtype) in the input's precision if ``native``, else in float64; return the pivot used,
+    the next block's. See the module notes."""
+    count = block.size
+    if native:
+        s1, s2 = shifted_sums(block, pivot)
+        if not pivot_stands(count, np.float64(s1), np.float64(s2)):
+            pivot = cast_like(np.float64(pivot) + np.float64(s1) / count, block)
+            s1, s2 = shifted_sums(block, pivot)
+        if np.isfinite(s2):
+            merge_shifted_sums(stats, row, count, np.float64(s1), np.float64(s2), pivot, ref)
+            return pivot
+    pivot64 = np.float64(pivot)
+    s1, s2 = shifted_sums(block, pivot64)
+    if not pivot_stands(count, s1, s2):
+        pivot64 += s1 / count
+        s1, s2 = shifted_sums(block, pivot64)
+    merge_shifted_sums(stats, row, count, s1, s2, pivot64, ref)
+    return cast_like(pivot64, block)
+
+
+@numba.njit(inline="always")
+def contiguous_moments(flat, start, stop, ref, stats, row, native):
+    """Merge the moments of the contiguous run ``flat[start:stop]`` into ``stats[row]``.
+
+    The first value is the first pivot, and a pivot stays until a block finds it too far from its
+    mean: the next block's sums then need not wait for this block's merge (a running-mean pivot
+    would chain every block to the previous one's division and merge).
+    """
+    pivot = flat[start]
+    block_size = BLOCK if native else FLOAT64_BLOCK
+    for block_start in range(start, stop, block_size):
+        block = flat[block_start : min(block_start + block_size, stop)]
+        pivot = block_moments(block, pivot, native, ref, stats, row)
 
 
 @numba.njit(inline="always")
@@ -117,17 +189,15 @@ def finalize_group(ref, count, offset, m2, eps):
 
 
 @numba.njit(inline="always")
-def fold_channel(coefficients, channel, mean_hi, mean_lo, rstd, weight, bias):
-    """Write ``(center, scale, shift)`` of a channel into ``coefficients[channel]`` (input dtype).
+def fold_channel(mean_hi, mean_lo, rstd, weight, bias, like):
+    """``(center, scale, shift)`` of a channel in ``like``'s dtype: ``y = (x - center) * scale + shift``.
 
-    ``y = (x - center) * scale + shift``. ``center`` is the mean rounded to the input dtype (the store
-    rounds); what rounding dropped moves into ``shift``.
+    ``center`` is the mean rounded to the input dtype; what rounding dropped moves into ``shift``.
     """
-    coefficients[channel, 0] = mean_hi
-    residual = (mean_hi - np.float64(coefficients[channel, 0])) + mean_lo
+    center = cast_like(mean_hi, like)
+    residual = (mean_hi - np.float64(center)) + mean_lo
     scale = rstd * weight
-    coefficients[channel, 1] = scale
-    coefficients[channel, 2] = bias - residual * scale
+    return center, cast_like(scale, like), cast_like(bias - residual * scale, like)
 
 
 def destination(source, out, start, stop):
@@ -159,17 +229,6 @@ def apply_contiguous(x, out, start, stop, center, scale, shift):
 
 
 @numba.njit(inline="always")
-def part_bounds(length, num_parts, part):
-    """``[start, stop)`` of part ``part`` of ``num_parts`` near-equal parts of ``range(length)``.
-
-    Inner bounds are multiples of 16 elements so that parts split on cache-line (64-byte) multiples.
-    """
-    start = (length * part // num_parts) // 16 * 16
-    stop = length if part == num_parts - 1 else (length * (part + 1) // num_parts) // 16 * 16
-    return start, stop
-
-
-@numba.njit(inline="always")
 def apply_reversed(x, out, start, stop, center, scale, shift):
     """``apply_contiguous`` from the end backwards, a chunk at a time.
 
@@ -178,9 +237,20 @@ def apply_reversed(x, out, start, stop, center, scale, shift):
     """
     chunk_stop = stop
     while chunk_stop > start:
-        chunk_start = max(start, chunk_stop - CHUNK)
+        chunk_start = max(start, chunk_stop - APPLY_CHUNK)
         apply_contiguous(x, out, chunk_start, chunk_stop, center, scale, shift)
         chunk_stop = chunk_start
+
+
+@numba.njit(inline="always")
+def part_bounds(length, num_parts, part):
+    """``[start, stop)`` of part ``part`` of ``num_parts`` near-equal parts of ``range(length)``.
+
+    Inner bounds are multiples of 16 elements so that parts split on cache-line (64-byte) multiples.
+    """
+    start = (length * part // num_parts) // 16 * 16
+    stop = length if part == num_parts - 1 else (length * (part + 1) // num_parts) // 16 * 16
+    return start, stop
 
 
 def _finish_moments(partial, refs, num_parts):
@@ -202,17 +272,19 @@ def _finish_moments(partial, refs, num_parts):
 finish_moments, finish_moments_serial = parallel_and_serial(_finish_moments)
 
 
-@numba.njit(cache=True, parallel=True)
+@numba.njit(cache=True)
 def channel_coefficients(partial, refs, num_parts, channels, num_groups, weight, bias, eps, like):
     """Per-channel ``(center, scale, shift)`` rows, shape ``(N * C, 3)``, in ``like``'s dtype.
 
     ``partial`` holds ``num_parts`` consecutive rows of moments per (sample, group) row of ``refs``.
+    Serial: it runs only when there are fewer (sample, group) rows than a thread's fair share of
+    work, and a parallel launch would cost more than it does.
     """
     num_rows = refs.shape[0]
     channels_per_group = channels // num_groups
     coefficients = np.empty((num_rows * channels_per_group, 3), like.dtype)
     stats = np.zeros((num_rows, 3))
-    for row in numba.prange(num_rows):
+    for row in range(num_rows):
         merge_parts(partial, row * num_parts, num_parts, stats, row)
         mean_hi, mean_lo, _, rstd = finalize_group(
             refs[row], stats[row, COUNT], stats[row, OFFSET], stats[row, M2], eps
@@ -220,13 +292,11 @@ def channel_coefficients(partial, refs, num_parts, channels, num_groups, weight,
         first_channel = (row % num_groups) * channels_per_group
         for k in range(channels_per_group):
             channel = first_channel + k
-            fold_channel(
-                coefficients,
-                row * channels_per_group + k,
-                mean_hi,
-                mean_lo,
-                rstd,
-                weight[channel],
-                bias[channel],
+            coefficient_row = row * channels_per_group + k
+            center, scale, shift = fold_channel(
+                mean_hi, mean_lo, rstd, weight[channel], bias[channel], like
             )
+            coefficients[coefficient_row, 0] = center
+            coefficients[coefficient_row, 1] = scale
+            coefficients[coefficient_row, 2] = shift
     return coefficients

@@ -23,7 +23,9 @@ from .moments import (
 )
 
 
-def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps):
+def _group_norm_fused(
+    x, out, num_samples, channels, spatial, num_groups, weight, bias, eps, native
+):
     """Normalize every slab in one parallel loop: moments, then normalization from cache.
 
     Parameters
@@ -31,39 +33,34 @@ def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight
     x : float32 or float64 array, shape (N * C * spatial,), C-contiguous
     out : array like ``x``, or None to normalize ``x`` in place
     weight, bias : float64 arrays, shape (C,)
+    native : bool
+        Sum the moments in the input's precision (see ``moments``).
     """
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
     num_slabs = num_samples * num_groups
     stats = np.zeros((num_slabs, 3))
-    coefficients = np.empty((num_samples * channels, 3), x.dtype)
     for slab in numba.prange(num_slabs):
         slab_start = slab * slab_length
         ref = np.float64(x[slab_start])
-        contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, slab)
+        contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, slab, native)
         mean_hi, mean_lo, _, rstd = finalize_group(
             ref, stats[slab, 0], stats[slab, 1], stats[slab, 2], eps
         )
         first_channel = (slab % num_groups) * channels_per_group
         for k in range(channels_per_group - 1, -1, -1):
-            row = slab * channels_per_group + k
             channel = first_channel + k
-            fold_channel(coefficients, row, mean_hi, mean_lo, rstd, weight[channel], bias[channel])
-            apply_reversed(
-                x,
-                out,
-                row * spatial,
-                (row + 1) * spatial,
-                coefficients[row, 0],
-                coefficients[row, 1],
-                coefficients[row, 2],
+            center, scale, shift = fold_channel(
+                mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
             )
+            channel_start = slab_start + k * spatial
+            apply_reversed(x, out, channel_start, channel_start + spatial, center, scale, shift)
 
 
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
 
 
-def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts):
+def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts, native):
     """Moments of ``num_parts`` pieces of every slab, for when slabs are fewer than threads.
 
     Returns
@@ -83,7 +80,9 @@ def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts):
         slab = item // num_parts
         start, stop = part_bounds(slab_length, num_parts, item % num_parts)
         slab_start = slab * slab_length
-        contiguous_moments(x, slab_start + start, slab_start + stop, refs[slab], partial, item)
+        contiguous_moments(
+            x, slab_start + start, slab_start + stop, refs[slab], partial, item, native
+        )
     return partial, refs
 
 

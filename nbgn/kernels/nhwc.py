@@ -1,10 +1,12 @@
 """Channels-last kernels: ``x`` is the flat C-contiguous buffer of an ``(N, spatial, C)`` array.
 
 The groups of a sample interleave along the contiguous channel axis, so the kernels walk a sample's
-positions in *rows* of ``lane_positions(C)`` positions (``lanes = positions * C`` values) and keep
-one float64 accumulator per lane: the inner loop runs along contiguous memory and vectorizes even for
-three channels. Every lane of a group shares the group's pivot, so lanes add up into group sums
-without a merge; chunks of rows are merged with Chan's formula.
+positions in *rows* of ``lane_positions(C)`` positions (``width = positions * C`` values) and keep
+one accumulator per *lane* (a column of rows): the inner loop runs along contiguous memory and
+vectorizes even for three channels. Every lane of a group shares the group's pivot, so lanes add up
+into group sums without a merge. A *block* of rows is summed in the input's precision, then its lane
+sums are added up per channel and per group in float64 and merged with Chan's formula, with the
+same checks as ``moments.block_moments``.
 
 Bytes moved per element: the moments pass reads a sample once and the normalization reads it again in
 reverse (from L2/L3 when a sample fits there) and writes it: ``2b`` to ``3b`` per element.
@@ -15,139 +17,205 @@ import numpy as np
 
 from ._compile import parallel_and_serial
 from .moments import (
-    CHUNK,
+    REDUCTION_FASTMATH,
+    cast_like,
     destination,
     finalize_group,
     fold_channel,
     merge_shifted_sums,
     part_bounds,
+    pivot_stands,
 )
 
 #: Lanes per row to aim for: enough for several 512-bit vectors when there are few channels.
 MIN_LANES = 256
 
+#: Sweeps (of four rows) per block: each lane adds 32 sums of four values before the flush to
+#: float64, about as precise as ``moments.BLOCK``; the flush (~4 operations a lane) costs ~3%.
+SWEEPS_PER_BLOCK = 32
+
 
 @numba.njit(inline="always")
 def lane_positions(channels, positions):
-    """Positions per row: enough for ``MIN_LANES`` values per row, but no more than there are."""
-    return max(1, min(MIN_LANES // channels, positions))
+    """Positions per row: enough for ``MIN_LANES`` values per row, in whole 64-byte vectors of
+    float32 where the channel count allows (16 lanes: no scalar remainder), but no more than there
+    are."""
+    step = 16 // np.gcd(channels, 16)
+    wanted = -(-MIN_LANES // channels)
+    return max(1, min(-(-wanted // step) * step, positions))
 
 
-@numba.njit(inline="always")
-def begin_chunk(x, chunk_start, width, channels_per_group, lane_group, group_pivot, lanes):
-    """Take each group's pivot from the chunk's first position; clear the lane sums.
+@numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
+def lane_sums(x, start, width, stream_stride, rows, four_streams, lanes):
+    """Sum ``x - pivot`` and its square per lane into ``lanes[1]`` and ``lanes[2]``, in their type,
+    about ``lanes[0]``, over ``rows`` rows of ``width`` values from ``x[start]``; with
+    ``four_streams``, each of those rows together with the rows ``stream_stride``, 2 and 3 times
+    ``stream_stride`` further (a *sweep*).
 
-    ``lanes`` rows: 0 the lane's pivot (its group's), 1 and 2 the shifted sums of its values.
+    Four rows from four distant places are four long sequential streams that the hardware
+    prefetchers follow (four adjacent rows would be four streams of a few lines each, which they do
+    not), and they share each load and store of the lane sums.
     """
-    for g in range(group_pivot.size):
-        group_pivot[g] = x[chunk_start + g * channels_per_group]
-    for j in range(width):
+    pivot, s1, s2 = lanes[0, :width], lanes[1, :width], lanes[2, :width]
+    s1[:] = 0.0
+    s2[:] = 0.0
+    if four_streams:
+        for r in range(rows):
+            base = start + r * width
+            row0 = x[base : base + width]
+            row1 = x[base + stream_stride : base + stream_stride + width]
+            row2 = x[base + 2 * stream_stride : base + 2 * stream_stride + width]
+            row3 = x[base + 3 * stream_stride : base + 3 * stream_stride + width]
+            for j in range(width):
+                p = pivot[j]
+                d0 = row0[j] - p
+                d1 = row1[j] - p
+                d2 = row2[j] - p
+                d3 = row3[j] - p
+                s1[j] += (d0 + d1) + (d2 + d3)
+                s2[j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
+    else:
+        for r in range(rows):
+            row = x[start + r * width : start + (r + 1) * width]
+            for j in range(width):
+                d = row[j] - pivot[j]
+                s1[j] += d
+                s2[j] += d * d
+
+
+@numba.njit(inline="always")
+def group_sums(lanes, width, channel_sums, sums):
+    """Add the lane sums (``lanes[1:3, :width]``) up per channel, whole rows of contiguous vector
+    adds, then per group (contiguous channels), in float64, into ``sums[:, 0:2]``."""
+    channels = channel_sums.shape[1]
+    channels_per_group = channels // sums.shape[0]
+    for c in range(channels):
+        channel_sums[0, c] = lanes[1, c]
+        channel_sums[1, c] = lanes[2, c]
+    for row_start in range(channels, width, channels):
+        for c in range(channels):
+            channel_sums[0, c] += np.float64(lanes[1, row_start + c])
+            channel_sums[1, c] += np.float64(lanes[2, row_start + c])
+    for g in range(sums.shape[0]):
+        first = g * channels_per_group
+        sums[g, 0] = np.sum(channel_sums[0, first : first + channels_per_group])
+        sums[g, 1] = np.sum(channel_sums[1, first : first + channels_per_group])
+
+
+@numba.njit(inline="always")
+def expand_pivots(group_pivot, lane_group, lanes):
+    """Set every lane's pivot (``lanes[0]``) to its group's."""
+    for j in range(lanes.shape[1]):
         lanes[0, j] = group_pivot[lane_group[j]]
-        lanes[1, j] = 0.0
-        lanes[2, j] = 0.0
 
 
 @numba.njit(inline="always")
-def accumulate_rows(x, start, width, rows, lanes):
-    """Add ``rows`` consecutive rows of ``width`` values, from ``x[start]``, to the lane sums."""
-    for r in range(rows):
-        row = x[start + r * width : start + (r + 1) * width]
-        for j in range(width):
-            d = np.float64(row[j]) - lanes[0, j]
-            lanes[1, j] += d
-            lanes[2, j] += d * d
+def repivot(group_pivot, sums, count):
+    """Move the pivot of every group whose pivot did not stand to its block mean; True if none."""
+    all_stand = True
+    for g in range(group_pivot.size):
+        if not pivot_stands(count, sums[g, 0], sums[g, 1]):
+            all_stand = False
+            shifted = np.float64(group_pivot[g]) + sums[g, 0] / count
+            group_pivot[g] = cast_like(shifted, group_pivot)
+    return all_stand
 
 
 @numba.njit(inline="always")
-def end_chunk(x, sample_start, width, group_count, channels_per_group, group_pivot, lanes, stats):
-    """Add the lane sums up per group and merge each group's chunk into ``stats``.
+def block_group_moments(x, start, width, stream_stride, rows, four_streams, native, count, refs,
+                        stats, lane_group, lanes, lanes64, channel_sums, group_pivot, sums):  # fmt: skip
+    """Merge the moments of one block of rows into ``stats[g]`` for every group ``g``.
 
-    Lanes are added per channel first (whole rows of contiguous vector adds), then each group's
-    channels, which are contiguous too: no per-lane indirection.
+    ``count`` values of each group lie in the block. Summed in the input's precision about each
+    group's pivot if ``native``, redone about the block's mean where a pivot does not stand (the
+    moved pivots stay for the next blocks), and in float64 where a sum is not finite, as in
+    ``moments.block_moments``. The other arrays are ``sample_moments``'s scratch.
     """
     num_groups = group_pivot.size
-    channels = num_groups * channels_per_group
-    channel_sums = np.zeros((2, channels))
-    for row_start in range(0, width, channels):
-        for c in range(channels):
-            channel_sums[0, c] += lanes[1, row_start + c]
-            channel_sums[1, c] += lanes[2, row_start + c]
+    if native:
+        for _attempt in range(2):
+            lane_sums(x, start, width, stream_stride, rows, four_streams, lanes)
+            group_sums(lanes, width, channel_sums, sums)
+            if repivot(group_pivot, sums, count):
+                break
+            expand_pivots(group_pivot, lane_group, lanes)
+        finite = True
+        for g in range(num_groups):
+            finite = finite and np.isfinite(sums[g, 1])
+        if finite:
+            for g in range(num_groups):
+                pivot = np.float64(group_pivot[g])
+                merge_shifted_sums(stats, g, count, sums[g, 0], sums[g, 1], pivot, refs[g])
+            return
+    group_pivot64 = sums[:, 2]
     for g in range(num_groups):
-        s1 = 0.0
-        s2 = 0.0
-        for c in range(g * channels_per_group, (g + 1) * channels_per_group):
-            s1 += channel_sums[0, c]
-            s2 += channel_sums[1, c]
-        ref = np.float64(x[sample_start + g * channels_per_group])
-        merge_shifted_sums(stats, g, group_count, s1, s2, group_pivot[g], ref)
+        group_pivot64[g] = group_pivot[g]
+    for _attempt in range(2):
+        expand_pivots(group_pivot64, lane_group, lanes64)
+        lane_sums(x, start, width, stream_stride, rows, four_streams, lanes64)
+        group_sums(lanes64, width, channel_sums, sums)
+        if repivot(group_pivot64, sums, count):
+            break
+    for g in range(num_groups):
+        merge_shifted_sums(stats, g, count, sums[g, 0], sums[g, 1], group_pivot64[g], refs[g])
+        group_pivot[g] = cast_like(group_pivot64[g], group_pivot)
+    expand_pivots(group_pivot, lane_group, lanes)
 
 
 @numba.njit(cache=True)
-def sample_moments(x, sample_start, first_position, stop_position, channels, num_groups, stats):
+def sample_moments(x, sample_start, first_position, stop_position, channels, num_groups, native,
+                   stats):  # fmt: skip
     """Merge the moments of positions ``[first_position, stop_position)`` of one sample.
 
     ``stats[g]`` receives group ``g``'s ``(count, offset, m2)``, offsets about the sample's first
     value of that group, ``x[sample_start + g * channels_per_group]``.
-
-    The lane sums live in memory, so each sweep adds four rows to them at once. The four rows come
-    from the four quarters of the range: four long sequential streams that the hardware
-    prefetchers follow (four adjacent rows would be four streams of a few lines each, which they
-    do not, and the loop would wait on memory).
     """
     channels_per_group = channels // num_groups
-    positions_per_row = lane_positions(channels, stop_position - first_position)
+    positions = stop_position - first_position
+    positions_per_row = lane_positions(channels, positions)
     width = positions_per_row * channels
     lane_group = np.empty(width, np.int64)
-    for j in range(width):
-        lane_group[j] = (j % channels) // channels_per_group
-    lanes = np.empty((3, width))
-    group_pivot = np.empty(num_groups)
-
+    for row_start in range(0, width, channels):
+        for g in range(num_groups):
+            first = row_start + g * channels_per_group
+            lane_group[first : first + channels_per_group] = g
+    refs = np.empty(num_groups)
+    for g in range(num_groups):
+        refs[g] = x[sample_start + g * channels_per_group]
+    # Scratch, as separate arrays: a named tuple of them read freed memory under Numba 0.68.
+    # Per lane: (pivot, s1, s2) in the input dtype, and in float64 for the fallback. Per channel:
+    # float64 (s1, s2). Per group: the pivot, and float64 (s1, s2, fallback pivot).
+    lanes = np.empty((3, width), x.dtype)
+    lanes64 = np.empty((3, width))
+    channel_sums = np.empty((2, channels))
+    group_pivot = np.empty(num_groups, x.dtype)
+    sums = np.empty((num_groups, 3))
+    # First pivots: each group's first value in the range; they move only where a block finds them
+    # too far from its mean (see moments.contiguous_moments).
     rows_start = sample_start + first_position * channels
-    full_rows = (stop_position - first_position) // positions_per_row
-    quarter = full_rows // 4
-    # At least 16 sweeps per chunk, so that folding the lanes into groups (~width operations)
-    # stays small next to the chunk's 64 * width values even when there are thousands of channels.
-    sweeps_per_chunk = max(16, CHUNK // (4 * width))
-    for sweep_start in range(0, quarter, sweeps_per_chunk):
-        sweeps = min(sweeps_per_chunk, quarter - sweep_start)
-        chunk_start = rows_start + sweep_start * width
-        begin_chunk(x, chunk_start, width, channels_per_group, lane_group, group_pivot, lanes)
-        for r in range(sweep_start, sweep_start + sweeps):
-            row0 = x[rows_start + r * width : rows_start + (r + 1) * width]
-            row1 = x[rows_start + (r + quarter) * width : rows_start + (r + quarter + 1) * width]
-            row2 = x[
-                rows_start + (r + 2 * quarter) * width : rows_start + (r + 2 * quarter + 1) * width
-            ]
-            row3 = x[
-                rows_start + (r + 3 * quarter) * width : rows_start + (r + 3 * quarter + 1) * width
-            ]
-            for j in range(width):
-                pivot = lanes[0, j]
-                d0 = np.float64(row0[j]) - pivot
-                d1 = np.float64(row1[j]) - pivot
-                d2 = np.float64(row2[j]) - pivot
-                d3 = np.float64(row3[j]) - pivot
-                lanes[1, j] += (d0 + d1) + (d2 + d3)
-                lanes[2, j] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3)
-        end_chunk(x, sample_start, width, sweeps * 4 * positions_per_row * channels_per_group,
-                  channels_per_group, group_pivot, lanes, stats)  # fmt: skip
+    for g in range(num_groups):
+        group_pivot[g] = x[rows_start + g * channels_per_group]
+    expand_pivots(group_pivot, lane_group, lanes)
 
-    # What the quarters leave: up to three full rows, then fewer than a row of positions.
-    leftover_rows = full_rows - 4 * quarter
-    if leftover_rows:
-        chunk_start = rows_start + 4 * quarter * width
-        begin_chunk(x, chunk_start, width, channels_per_group, lane_group, group_pivot, lanes)
-        accumulate_rows(x, chunk_start, width, leftover_rows, lanes)
-        end_chunk(x, sample_start, width, leftover_rows * positions_per_row * channels_per_group,
-                  channels_per_group, group_pivot, lanes, stats)  # fmt: skip
-    tail_positions = stop_position - first_position - full_rows * positions_per_row
-    if tail_positions:
-        chunk_start = rows_start + full_rows * width
-        begin_chunk(x, chunk_start, channels, channels_per_group, lane_group, group_pivot, lanes)
-        accumulate_rows(x, chunk_start, channels, tail_positions, lanes)
-        end_chunk(x, sample_start, channels, tail_positions * channels_per_group,
-                  channels_per_group, group_pivot, lanes, stats)  # fmt: skip
+    full_rows = positions // positions_per_row
+    quarter = full_rows // 4
+    for first_sweep in range(0, quarter, SWEEPS_PER_BLOCK):
+        sweeps = min(SWEEPS_PER_BLOCK, quarter - first_sweep)
+        block_start = rows_start + first_sweep * width
+        count = sweeps * 4 * positions_per_row * channels_per_group
+        block_group_moments(x, block_start, width, quarter * width, sweeps, True, native, count,
+                            refs, stats, lane_group, lanes, lanes64, channel_sums, group_pivot,
+                            sums)  # fmt: skip
+    # What the quarters leave, position by position: up to three rows and a partial one.
+    tail_start = rows_start + 4 * quarter * width
+    tail_positions = positions - 4 * quarter * positions_per_row
+    for first_position_of_block in range(0, tail_positions, 4 * SWEEPS_PER_BLOCK):
+        block_positions = min(4 * SWEEPS_PER_BLOCK, tail_positions - first_position_of_block)
+        block_start = tail_start + first_position_of_block * channels
+        count = block_positions * channels_per_group
+        block_group_moments(x, block_start, channels, 0, block_positions, False, native, count,
+                            refs, stats, lane_group, lanes, lanes64, channel_sums, group_pivot,
+                            sums)  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -172,10 +240,11 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     center = np.empty(width, x.dtype)
     scale = np.empty(width, x.dtype)
     shift = np.empty(width, x.dtype)
-    for j in range(width):
-        center[j] = coefficients[j % channels, 0]
-        scale[j] = coefficients[j % channels, 1]
-        shift[j] = coefficients[j % channels, 2]
+    for row_start in range(0, width, channels):
+        for c in range(channels):
+            center[row_start + c] = coefficients[c, 0]
+            scale[row_start + c] = coefficients[c, 1]
+            shift[row_start + c] = coefficients[c, 2]
     rows_start = sample_start + first_position * channels
     full_rows = (stop_position - first_position) // positions_per_row
     quarter = full_rows // 4
@@ -210,7 +279,9 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
             target3[j] = (source3[j] - c) * a + b
 
 
-def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps):
+def _group_norm_fused(
+    x, out, num_samples, spatial, channels, num_groups, weight, bias, eps, native
+):
     """Normalize one sample per parallel iteration: moments, then normalization from cache.
 
     Parameters
@@ -218,13 +289,15 @@ def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight
     x : float32 or float64 array, shape (N * spatial * C,), C-contiguous
     out : array like ``x``, or None to normalize ``x`` in place
     weight, bias : float64 arrays, shape (C,)
+    native : bool
+        Sum the moments in the input's precision (see ``moments``).
     """
     channels_per_group = channels // num_groups
     sample_length = spatial * channels
     for n in numba.prange(num_samples):
         sample_start = n * sample_length
         stats = np.zeros((num_groups, 3))
-        sample_moments(x, sample_start, 0, spatial, channels, num_groups, stats)
+        sample_moments(x, sample_start, 0, spatial, channels, num_groups, native, stats)
         coefficients = np.empty((channels, 3), x.dtype)
         for g in range(num_groups):
             ref = np.float64(x[sample_start + g * channels_per_group])
@@ -232,14 +305,17 @@ def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight
                 ref, stats[g, 0], stats[g, 1], stats[g, 2], eps
             )
             for c in range(g * channels_per_group, (g + 1) * channels_per_group):
-                fold_channel(coefficients, c, mean_hi, mean_lo, rstd, weight[c], bias[c])
+                center, scale, shift = fold_channel(mean_hi, mean_lo, rstd, weight[c], bias[c], x)
+                coefficients[c, 0] = center
+                coefficients[c, 1] = scale
+                coefficients[c, 2] = shift
         apply_positions(x, out, sample_start, 0, spatial, channels, coefficients)
 
 
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
 
 
-def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts):
+def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, native):
     """Moments of ``num_parts`` position ranges of every sample, for when samples are few.
 
     Returns
@@ -255,7 +331,7 @@ def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts):
     for item in numba.prange(num_samples * num_parts):
         start, stop = part_bounds(spatial, num_parts, item % num_parts)
         sample_start = (item // num_parts) * sample_length
-        sample_moments(x, sample_start, start, stop, channels, num_groups, by_part[item])
+        sample_moments(x, sample_start, start, stop, channels, num_groups, native, by_part[item])
     partial = np.empty((num_samples * num_groups * num_parts, 3))
     refs = np.empty(num_samples * num_groups)
     for n in range(num_samples):
