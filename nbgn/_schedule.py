@@ -5,9 +5,9 @@ each unit to one thread, which reads it once for the moments and normalizes it w
 its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and from memory.
 
 - Below ``SERIAL_ELEMENTS`` elements the serial twin of the fused kernel runs: launching a parallel
-  region costs a few microseconds, more than such a call takes on one core. So does every call in a
-  process forked after GNU OpenMP threads ran, where a parallel launch would kill it
-  (``_threading.serial_only``).
+  region costs a few microseconds, more than such a call takes on one core. So does every call
+  with one thread (``numba.set_num_threads(1)``), and every call in a process forked after GNU
+  OpenMP threads ran, where a parallel launch would kill it (``_threading.serial_only``).
 - When there are fewer units than threads (one image at inference, one group), or so few that the
   threads would finish unevenly, each unit is split into ``parts``: a parallel pass computes the
   parts' moments, they are merged exactly (Chan), and a second parallel pass normalizes each part in
@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import math
 from typing import NamedTuple
-
-import numba
 
 from . import _threading
 
@@ -36,20 +34,29 @@ BALANCED_UNITS_PER_THREAD = 4
 
 
 class Plan(NamedTuple):
-    """``parallel``: use the parallel kernels; ``parts``: pieces per unit (1: the fused kernel)."""
+    """``parallel``: use the parallel kernels; ``parts``: pieces per unit (1: the fused kernel);
+    ``chunks``: runs of whole units the fused kernel hands out, one per thread (1 when serial)."""
 
     parallel: bool
     parts: int
+    chunks: int
 
 
-SERIAL = Plan(parallel=False, parts=1)
+SERIAL = Plan(parallel=False, parts=1, chunks=1)
 
 
 def plan(units: int, unit_elements: int) -> Plan:
     """The plan for ``units`` work units of ``unit_elements`` elements each."""
     if units * unit_elements < SERIAL_ELEMENTS or _threading.serial_only():
         return SERIAL
-    return Plan(parallel=True, parts=num_parts(units, unit_elements, numba.get_num_threads()))
+    threads = _threading.num_threads()
+    if threads == 1:
+        return SERIAL
+    return Plan(
+        parallel=True,
+        parts=num_parts(units, unit_elements, threads),
+        chunks=min(units, threads),
+    )
 
 
 def num_parts(units: int, unit_elements: int, threads: int) -> int:

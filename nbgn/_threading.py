@@ -143,6 +143,15 @@ def _after_fork_in_child() -> None:
         _choice["serial_only"] = omppool.openmp_vendor == "GNU"
 
 
+def num_threads() -> int:
+    """``numba.get_num_threads()``, without the locks it takes on every call once threads run."""
+    from numba.np.ufunc import parallel
+
+    if parallel._is_initialized:
+        return parallel._get_num_threads()
+    return numba.get_num_threads()
+
+
 def serial_only() -> bool:
     """True in a child forked after GNU OpenMP threads ran: parallel kernels would kill it."""
     return _choice["serial_only"]

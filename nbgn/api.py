@@ -116,7 +116,7 @@ def group_moments(
         x = np.ascontiguousarray(x)
         channels_last = geometry.channels_last
     flat = _flat(x, geometry, channels_last)
-    parallel, parts = _plan(geometry, channels_last)
+    parallel, parts, _ = _plan(geometry, channels_last)
     # The moments a caller asks for are summed in float64 throughout: exact to float64 rounding.
     if not parallel:
         partial, refs = _partial_moments(flat, geometry, channels_last, 1, False, serial=True)
@@ -179,25 +179,28 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
     source = _flat(x, geometry, channels_last)
     target = None if out is None else _flat(out, geometry, channels_last)
-    parallel, parts = _plan(geometry, channels_last)
+    plan = _plan(geometry, channels_last)
     native = eps >= moments.NATIVE_MIN_EPS
-    if not parallel:
-        fused = nhwc.group_norm_fused_serial if channels_last else nchw.group_norm_fused_serial
-        dims = (s, c) if channels_last else (c, s)
-        fused(source, target, n, *dims, g, weight, bias, eps, native)
+    if not plan.parallel:
+        if channels_last:
+            nhwc.group_norm_fused_serial(source, target, n, s, c, g, weight, bias, eps, native, 1)
+        else:
+            nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, native)
         return x if out is None else out
     with _threading.kernel_guard():
-        if parts == 1 and channels_last:
-            nhwc.group_norm_fused(source, target, n, s, c, g, weight, bias, eps, native)
-        elif parts == 1:
+        if plan.parts == 1 and channels_last:
+            nhwc.group_norm_fused(
+                source, target, n, s, c, g, weight, bias, eps, native, plan.chunks
+            )
+        elif plan.parts == 1:
             nchw.group_norm_fused(source, target, n, c, s, g, weight, bias, eps, native)
         else:
-            partial, refs = _partial_moments(source, geometry, channels_last, parts, native)
+            partial, refs = _partial_moments(source, geometry, channels_last, plan.parts, native)
             coefficients = moments.channel_coefficients(
-                partial, refs, parts, c, g, weight, bias, eps, source
+                partial, refs, plan.parts, c, g, weight, bias, eps, source
             )
             if channels_last:
-                nhwc.apply_parts(source, target, coefficients, s, c, parts)
+                nhwc.apply_parts(source, target, coefficients, s, c, plan.parts)
             else:
-                nchw.apply_parts(source, target, coefficients, s, (c // g) * s, parts)
+                nchw.apply_parts(source, target, coefficients, s, (c // g) * s, plan.parts)
     return x if out is None else out

@@ -68,7 +68,7 @@ def test_parallel_paths_match_reference(rng, shape, groups, dtype, layout):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
     """Force the split path (moments per part, merged with Chan's formula) whatever the core count."""
-    monkeypatch.setattr(_schedule, "plan", lambda units, elements: _schedule.Plan(True, parts))
+    monkeypatch.setattr(_schedule, "plan", lambda units, elements: _schedule.Plan(True, parts, 1))
     x = make_input((2, 6, 37, 29), layout, dtype, rng, scale=1e-2, offset=300.0)
     expected = reference_group_norm(x, 3, layout=layout)
     np.testing.assert_allclose(nbgn.group_norm(x, 3, layout=layout), expected, atol=1e-4)

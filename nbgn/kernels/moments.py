@@ -126,41 +126,40 @@ def pivot_stands(count, s1, s2):
 
 
 @numba.njit(inline="always")
-def block_moments(block, pivot, native, ref, stats, row):
-    """Merge the moments of the contiguous ``block`` into ``stats[row]``, summed about ``pivot``
-    (input dtype) in the input's precision if ``native``, else in float64; return the pivot used,
-    the next block's. See the module notes."""
-    count = block.size
-    if native:
-        s1, s2 = shifted_sums(block, pivot)
-        if not pivot_stands(count, np.float64(s1), np.float64(s2)):
-            pivot = cast_like(np.float64(pivot) + np.float64(s1) / count, block)
-            s1, s2 = shifted_sums(block, pivot)
-        if np.isfinite(s2):
-            merge_shifted_sums(stats, row, count, np.float64(s1), np.float64(s2), pivot, ref)
-            return pivot
-    pivot64 = np.float64(pivot)
-    s1, s2 = shifted_sums(block, pivot64)
-    if not pivot_stands(count, s1, s2):
-        pivot64 += s1 / count
-        s1, s2 = shifted_sums(block, pivot64)
-    merge_shifted_sums(stats, row, count, s1, s2, pivot64, ref)
-    return cast_like(pivot64, block)
-
-
-@numba.njit(inline="always")
 def contiguous_moments(flat, start, stop, ref, stats, row, native):
     """Merge the moments of the contiguous run ``flat[start:stop]`` into ``stats[row]``.
 
-    The first value is the first pivot, and a pivot stays until a block finds it too far from its
-    mean: the next block's sums then need not wait for this block's merge (a running-mean pivot
-    would chain every block to the previous one's division and merge).
+    Blocks are summed about ``pivot`` (input dtype) in the input's precision if ``native``, else in
+    float64; see the module notes for the checks. The first value is the first pivot, and a pivot
+    stays until a block finds it too far from its mean: the next block's sums need not wait for
+    this block's merge. A block that must be redone (about its mean, or in float64) goes round the
+    loop again: one call site per precision keeps the hot loop inlined.
     """
-    pivot = flat[start]
     block_size = BLOCK if native else FLOAT64_BLOCK
-    for block_start in range(start, stop, block_size):
-        block = flat[block_start : min(block_start + block_size, stop)]
-        pivot = block_moments(block, pivot, native, ref, stats, row)
+    pivot = flat[start]
+    block_start = start
+    in_float64 = not native
+    repivoted = False
+    while block_start < stop:
+        block_stop = min(block_start + block_size, stop)
+        count = block_stop - block_start
+        block = flat[block_start:block_stop]
+        pivot64 = np.float64(pivot)
+        if in_float64:
+            s1, s2 = shifted_sums(block, pivot64)
+        else:
+            native_s1, native_s2 = shifted_sums(block, pivot)
+            s1, s2 = np.float64(native_s1), np.float64(native_s2)
+        if not repivoted and not pivot_stands(count, s1, s2):
+            pivot = cast_like(pivot64 + s1 / count, flat)
+            repivoted = True
+        elif not in_float64 and not np.isfinite(s2):
+            in_float64 = True
+        else:
+            merge_shifted_sums(stats, row, count, s1, s2, pivot64, ref)
+            block_start = block_stop
+            repivoted = False
+            in_float64 = not native
 
 
 @numba.njit(inline="always")

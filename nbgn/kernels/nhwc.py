@@ -6,10 +6,13 @@ one accumulator per *lane* (a column of rows): the inner loop runs along contigu
 vectorizes even for three channels. Every lane of a group shares the group's pivot, so lanes add up
 into group sums without a merge. A *block* of rows is summed in the input's precision, then its lane
 sums are added up per channel and per group in float64 and merged with Chan's formula, with the
-same checks as ``moments.block_moments``.
+same checks as ``moments.contiguous_moments``.
 
 Bytes moved per element: the moments pass reads a sample once and the normalization reads it again in
 reverse (from L2/L3 when a sample fits there) and writes it: ``2b`` to ``3b`` per element.
+
+Work is split into ``num_chunks`` contiguous runs of samples (or of (sample, part) items), one per
+thread, so that each thread allocates its scratch once rather than once per sample.
 """
 
 import numba
@@ -43,6 +46,26 @@ def lane_positions(channels, positions):
     step = 16 // np.gcd(channels, 16)
     wanted = -(-MIN_LANES // channels)
     return max(1, min(-(-wanted // step) * step, positions))
+
+
+@numba.njit(inline="always")
+def chunk_bounds(num_items, num_chunks, chunk):
+    """``[start, stop)`` of chunk ``chunk`` of ``num_chunks`` near-equal runs of ``num_items``."""
+    return num_items * chunk // num_chunks, num_items * (chunk + 1) // num_chunks
+
+
+@numba.njit(inline="always")
+def lane_scratch(x, positions, channels, num_groups):
+    """Scratch for ``sample_moments`` and ``apply_positions`` on ranges of up to ``positions``:
+    ``(native, wide, lane_group)``, in the input dtype, float64 and int64 (see ``sample_moments``).
+
+    Separate arrays, carved into views where they are used: a named tuple of such arrays read freed
+    memory under Numba 0.68.
+    """
+    width = lane_positions(channels, positions) * channels
+    native = np.empty(3 * width + num_groups, x.dtype)
+    wide = np.empty(3 * width + 2 * channels + 4 * num_groups)
+    return native, wide, np.empty(width, np.int64)
 
 
 @numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
@@ -105,40 +128,50 @@ def group_sums(lanes, width, channel_sums, sums):
 @numba.njit(inline="always")
 def expand_pivots(group_pivot, lane_group, lanes):
     """Set every lane's pivot (``lanes[0]``) to its group's."""
-    for j in range(lanes.shape[1]):
+    for j in range(lane_group.size):
         lanes[0, j] = group_pivot[lane_group[j]]
 
 
 @numba.njit(inline="always")
 def repivot(group_pivot, sums, count):
-    """Move the pivot of every group whose pivot did not stand to its block mean; True if none."""
-    all_stand = True
+    """Move the pivot of every group whose pivot did not stand to its block mean; True if any."""
+    moved = False
     for g in range(group_pivot.size):
         if not pivot_stands(count, sums[g, 0], sums[g, 1]):
-            all_stand = False
+            moved = True
             shifted = np.float64(group_pivot[g]) + sums[g, 0] / count
             group_pivot[g] = cast_like(shifted, group_pivot)
-    return all_stand
+    return moved
+
+
+@numba.njit(inline="always")
+def block_group_sums(x, start, width, stream_stride, rows, four_streams, count, lane_group, lanes,
+                     channel_sums, group_pivot, sums):  # fmt: skip
+    """Group sums ``sums[:, 0:2]`` of one block about ``group_pivot`` (expanded in ``lanes[0]``),
+    in the type of ``lanes``; summed again, once, about the block's means where a pivot did not
+    stand (the moved pivots stay for the next blocks)."""
+    lane_sums(x, start, width, stream_stride, rows, four_streams, lanes)
+    group_sums(lanes, width, channel_sums, sums)
+    if repivot(group_pivot, sums, count):
+        expand_pivots(group_pivot, lane_group, lanes)
+        lane_sums(x, start, width, stream_stride, rows, four_streams, lanes)
+        group_sums(lanes, width, channel_sums, sums)
 
 
 @numba.njit(inline="always")
 def block_group_moments(x, start, width, stream_stride, rows, four_streams, native, count, refs,
-                        stats, lane_group, lanes, lanes64, channel_sums, group_pivot, sums):  # fmt: skip
+                        stats, lane_group, lanes, lanes64, channel_sums, group_pivot,
+                        sums):  # fmt: skip
     """Merge the moments of one block of rows into ``stats[g]`` for every group ``g``.
 
-    ``count`` values of each group lie in the block. Summed in the input's precision about each
-    group's pivot if ``native``, redone about the block's mean where a pivot does not stand (the
-    moved pivots stay for the next blocks), and in float64 where a sum is not finite, as in
-    ``moments.block_moments``. The other arrays are ``sample_moments``'s scratch.
+    ``count`` values of each group lie in the block. Summed in the input's precision if
+    ``native`` and in float64 where a sum is not finite, as in ``moments.contiguous_moments``. The
+    arrays are ``sample_moments``'s scratch.
     """
     num_groups = group_pivot.size
     if native:
-        for _attempt in range(2):
-            lane_sums(x, start, width, stream_stride, rows, four_streams, lanes)
-            group_sums(lanes, width, channel_sums, sums)
-            if repivot(group_pivot, sums, count):
-                break
-            expand_pivots(group_pivot, lane_group, lanes)
+        block_group_sums(x, start, width, stream_stride, rows, four_streams, count, lane_group,
+                         lanes, channel_sums, group_pivot, sums)  # fmt: skip
         finite = True
         for g in range(num_groups):
             finite = finite and np.isfinite(sums[g, 1])
@@ -150,52 +183,52 @@ def block_group_moments(x, start, width, stream_stride, rows, four_streams, nati
     group_pivot64 = sums[:, 2]
     for g in range(num_groups):
         group_pivot64[g] = group_pivot[g]
-    for _attempt in range(2):
-        expand_pivots(group_pivot64, lane_group, lanes64)
-        lane_sums(x, start, width, stream_stride, rows, four_streams, lanes64)
-        group_sums(lanes64, width, channel_sums, sums)
-        if repivot(group_pivot64, sums, count):
-            break
+    expand_pivots(group_pivot64, lane_group, lanes64)
+    block_group_sums(x, start, width, stream_stride, rows, four_streams, count, lane_group,
+                     lanes64, channel_sums, group_pivot64, sums)  # fmt: skip
     for g in range(num_groups):
         merge_shifted_sums(stats, g, count, sums[g, 0], sums[g, 1], group_pivot64[g], refs[g])
         group_pivot[g] = cast_like(group_pivot64[g], group_pivot)
     expand_pivots(group_pivot, lane_group, lanes)
 
 
-@numba.njit(cache=True)
+@numba.njit(inline="always")
 def sample_moments(x, sample_start, first_position, stop_position, channels, num_groups, native,
-                   stats):  # fmt: skip
+                   stats, scratch_native, scratch_wide, lane_group):  # fmt: skip
     """Merge the moments of positions ``[first_position, stop_position)`` of one sample.
 
     ``stats[g]`` receives group ``g``'s ``(count, offset, m2)``, offsets about the sample's first
-    value of that group, ``x[sample_start + g * channels_per_group]``.
+    value of that group, ``x[sample_start + g * channels_per_group]``. The scratch comes from
+    ``lane_scratch`` and holds, per lane: its group, and (pivot, s1, s2) in the input dtype and in
+    float64 for the fallback; per channel: float64 (s1, s2); per group: the pivot, the reference
+    and float64 (s1, s2, fallback pivot).
     """
     channels_per_group = channels // num_groups
     positions = stop_position - first_position
     positions_per_row = lane_positions(channels, positions)
     width = positions_per_row * channels
-    lane_group = np.empty(width, np.int64)
-    for row_start in range(0, width, channels):
+    lanes = scratch_native[: 3 * width].reshape(3, width)
+    group_pivot = scratch_native[3 * width : 3 * width + num_groups]
+    lanes64 = scratch_wide[: 3 * width].reshape(3, width)
+    per_channel = scratch_wide[3 * width : 3 * width + 2 * channels].reshape(2, channels)
+    per_group = scratch_wide[3 * width + 2 * channels : 3 * width + 2 * channels + 4 * num_groups]
+    refs = per_group[:num_groups]
+    sums = per_group[num_groups:].reshape(num_groups, 3)
+    groups_of_lanes = lane_group[:width]
+    lane = 0
+    for _position in range(positions_per_row):
         for g in range(num_groups):
-            first = row_start + g * channels_per_group
-            lane_group[first : first + channels_per_group] = g
-    refs = np.empty(num_groups)
+            for _channel in range(channels_per_group):
+                groups_of_lanes[lane] = g
+                lane += 1
     for g in range(num_groups):
         refs[g] = x[sample_start + g * channels_per_group]
-    # Scratch, as separate arrays: a named tuple of them read freed memory under Numba 0.68.
-    # Per lane: (pivot, s1, s2) in the input dtype, and in float64 for the fallback. Per channel:
-    # float64 (s1, s2). Per group: the pivot, and float64 (s1, s2, fallback pivot).
-    lanes = np.empty((3, width), x.dtype)
-    lanes64 = np.empty((3, width))
-    channel_sums = np.empty((2, channels))
-    group_pivot = np.empty(num_groups, x.dtype)
-    sums = np.empty((num_groups, 3))
     # First pivots: each group's first value in the range; they move only where a block finds them
     # too far from its mean (see moments.contiguous_moments).
     rows_start = sample_start + first_position * channels
     for g in range(num_groups):
         group_pivot[g] = x[rows_start + g * channels_per_group]
-    expand_pivots(group_pivot, lane_group, lanes)
+    expand_pivots(group_pivot, groups_of_lanes, lanes)
 
     full_rows = positions // positions_per_row
     quarter = full_rows // 4
@@ -204,8 +237,8 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
         block_start = rows_start + first_sweep * width
         count = sweeps * 4 * positions_per_row * channels_per_group
         block_group_moments(x, block_start, width, quarter * width, sweeps, True, native, count,
-                            refs, stats, lane_group, lanes, lanes64, channel_sums, group_pivot,
-                            sums)  # fmt: skip
+                            refs, stats, groups_of_lanes, lanes, lanes64, per_channel,
+                            group_pivot, sums)  # fmt: skip
     # What the quarters leave, position by position: up to three rows and a partial one.
     tail_start = rows_start + 4 * quarter * width
     tail_positions = positions - 4 * quarter * positions_per_row
@@ -214,8 +247,8 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
         block_start = tail_start + first_position_of_block * channels
         count = block_positions * channels_per_group
         block_group_moments(x, block_start, channels, 0, block_positions, False, native, count,
-                            refs, stats, lane_group, lanes, lanes64, channel_sums, group_pivot,
-                            sums)  # fmt: skip
+                            refs, stats, groups_of_lanes, lanes, lanes64, per_channel,
+                            group_pivot, sums)  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -228,18 +261,20 @@ def apply_row(x, out, start, width, center, scale, shift):
 
 
 @numba.njit(inline="always")
-def apply_positions(x, out, sample_start, first_position, stop_position, channels, coefficients):
+def apply_positions(x, out, sample_start, first_position, stop_position, channels, coefficients,
+                    scratch_native):  # fmt: skip
     """Normalize positions ``[first_position, stop_position)`` of one sample, last rows first.
 
-    ``coefficients`` holds the sample's ``(center, scale, shift)`` per channel, shape ``(C, 3)``.
-    Each sweep normalizes one row from each quarter of the range, sharing the loads of the lane
-    coefficients, in four long streams the hardware prefetchers can follow.
+    ``coefficients`` holds the sample's ``(center, scale, shift)`` per channel, shape ``(C, 3)``;
+    they are spread over the lanes in ``scratch_native`` (from ``lane_scratch``). Each sweep
+    normalizes one row from each quarter of the range, sharing the loads of the lane coefficients,
+    in four long streams the hardware prefetchers can follow.
     """
     positions_per_row = lane_positions(channels, stop_position - first_position)
     width = positions_per_row * channels
-    center = np.empty(width, x.dtype)
-    scale = np.empty(width, x.dtype)
-    shift = np.empty(width, x.dtype)
+    center = scratch_native[:width]
+    scale = scratch_native[width : 2 * width]
+    shift = scratch_native[2 * width : 3 * width]
     for row_start in range(0, width, channels):
         for c in range(channels):
             center[row_start + c] = coefficients[c, 0]
@@ -279,10 +314,10 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
             target3[j] = (source3[j] - c) * a + b
 
 
-def _group_norm_fused(
-    x, out, num_samples, spatial, channels, num_groups, weight, bias, eps, native
-):
-    """Normalize one sample per parallel iteration: moments, then normalization from cache.
+def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
+                      native, num_chunks):  # fmt: skip
+    """Normalize whole samples, ``num_chunks`` runs of them in parallel: each sample's moments,
+    then its normalization from cache.
 
     Parameters
     ----------
@@ -291,25 +326,35 @@ def _group_norm_fused(
     weight, bias : float64 arrays, shape (C,)
     native : bool
         Sum the moments in the input's precision (see ``moments``).
+    num_chunks : int
+        Runs of samples, at most N: one per thread.
     """
     channels_per_group = channels // num_groups
     sample_length = spatial * channels
-    for n in numba.prange(num_samples):
-        sample_start = n * sample_length
-        stats = np.zeros((num_groups, 3))
-        sample_moments(x, sample_start, 0, spatial, channels, num_groups, native, stats)
+    for chunk in numba.prange(num_chunks):
+        scratch_native, scratch_wide, lane_group = lane_scratch(x, spatial, channels, num_groups)
+        stats = np.empty((num_groups, 3))
         coefficients = np.empty((channels, 3), x.dtype)
-        for g in range(num_groups):
-            ref = np.float64(x[sample_start + g * channels_per_group])
-            mean_hi, mean_lo, _, rstd = finalize_group(
-                ref, stats[g, 0], stats[g, 1], stats[g, 2], eps
-            )
-            for c in range(g * channels_per_group, (g + 1) * channels_per_group):
-                center, scale, shift = fold_channel(mean_hi, mean_lo, rstd, weight[c], bias[c], x)
-                coefficients[c, 0] = center
-                coefficients[c, 1] = scale
-                coefficients[c, 2] = shift
-        apply_positions(x, out, sample_start, 0, spatial, channels, coefficients)
+        first_sample, stop_sample = chunk_bounds(num_samples, num_chunks, chunk)
+        for n in range(first_sample, stop_sample):
+            sample_start = n * sample_length
+            stats[:] = 0.0
+            sample_moments(x, sample_start, 0, spatial, channels, num_groups, native, stats,
+                           scratch_native, scratch_wide, lane_group)  # fmt: skip
+            for g in range(num_groups):
+                ref = np.float64(x[sample_start + g * channels_per_group])
+                mean_hi, mean_lo, _, rstd = finalize_group(
+                    ref, stats[g, 0], stats[g, 1], stats[g, 2], eps
+                )
+                for c in range(g * channels_per_group, (g + 1) * channels_per_group):
+                    center, scale, shift = fold_channel(
+                        mean_hi, mean_lo, rstd, weight[c], bias[c], x
+                    )
+                    coefficients[c, 0] = center
+                    coefficients[c, 1] = scale
+                    coefficients[c, 2] = shift
+            apply_positions(x, out, sample_start, 0, spatial, channels, coefficients,
+                            scratch_native)  # fmt: skip
 
 
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
@@ -331,7 +376,11 @@ def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, n
     for item in numba.prange(num_samples * num_parts):
         start, stop = part_bounds(spatial, num_parts, item % num_parts)
         sample_start = (item // num_parts) * sample_length
-        sample_moments(x, sample_start, start, stop, channels, num_groups, native, by_part[item])
+        scratch_native, scratch_wide, lane_group = lane_scratch(
+            x, stop - start, channels, num_groups
+        )
+        sample_moments(x, sample_start, start, stop, channels, num_groups, native, by_part[item],
+                       scratch_native, scratch_wide, lane_group)  # fmt: skip
     partial = np.empty((num_samples * num_groups * num_parts, 3))
     refs = np.empty(num_samples * num_groups)
     for n in range(num_samples):
@@ -356,12 +405,7 @@ def apply_parts(x, out, coefficients, spatial, channels, num_parts):
     for item in numba.prange(num_samples * num_parts):
         n = item // num_parts
         start, stop = part_bounds(spatial, num_parts, item % num_parts)
-        apply_positions(
-            x,
-            out,
-            n * sample_length,
-            start,
-            stop,
-            channels,
-            coefficients[n * channels : (n + 1) * channels],
-        )
+        scratch_native = np.empty(3 * lane_positions(channels, stop - start) * channels, x.dtype)
+        apply_positions(x, out, n * sample_length, start, stop, channels,
+                        coefficients[n * channels : (n + 1) * channels],
+                        scratch_native)  # fmt: skip
