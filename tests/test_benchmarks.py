@@ -107,3 +107,15 @@ def test_peakmem_tells_in_place_from_allocating(tmp_path):
     assert 0.9 * nbytes <= grew <= 1.2 * nbytes, (
         f"{grew / 2**20:.0f} MiB for a {nbytes / 2**20:.0f} MiB output"
     )
+
+
+def test_torch_benchmarks_skip_cleanly_without_pytorch(monkeypatch):
+    # asv skips a benchmark whose setup raises NotImplementedError, and still calls teardown.
+    from benchmarks.bench_group_norm import TorchGroupNorm
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch raises ImportError
+    params = _smallest(TorchGroupNorm)
+    instance = TorchGroupNorm()
+    with pytest.raises(NotImplementedError, match="PyTorch is not installed"):
+        instance.setup(*params)
+    instance.teardown(*params)
