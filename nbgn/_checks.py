@@ -130,6 +130,12 @@ def check_eps(eps: Any) -> float:
 
 def check_out(out: Any, x: np.ndarray) -> bool:
     """Validate ``out`` for ``x``; return True when ``out`` is ``x`` itself (in place)."""
+    if out is x:
+        if not x.flags.writeable:
+            raise ValueError(
+                "out is read-only: out=x asks for in place on a read-only x; pass out=None for a new array."
+            )
+        return True
     if not isinstance(out, np.ndarray):
         raise TypeError(
             f"out must be a numpy.ndarray, got {type(out).__name__}; "
@@ -144,8 +150,6 @@ def check_out(out: Any, x: np.ndarray) -> bool:
         )
     if not out.flags.writeable:
         raise ValueError("out is read-only; pass a writeable array, or out=None for a new one.")
-    if out is x:
-        return True
     if not np.may_share_memory(out, x):
         return False
     if _same_memory(out, x):

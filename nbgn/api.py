@@ -147,7 +147,7 @@ def _flat(array: np.ndarray, geometry: Geometry, channels_last: bool) -> np.ndar
     if channels_last != geometry.channels_last:
         axes = (1, -1) if channels_last else (-1, 1)
         array = np.moveaxis(array, *axes)
-    return array.reshape(-1)
+    return array.ravel()  # a view: ``array`` is contiguous in this order
 
 
 def _empty_in_order(x: np.ndarray, geometry: Geometry, channels_last: bool) -> np.ndarray:

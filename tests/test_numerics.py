@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from reference import reference_group_norm, reference_moments
+from reference import from_channels_first, reference_group_norm, reference_moments
 
 import nbgn
 
@@ -101,3 +101,78 @@ def test_outlier_pivot_stays_exact():
     # Group 0, the outlier's; group 1 (mean/std = 1e9) is past what a float64 reference resolves.
     expected = reference_group_norm(x, 2)[:, 0]
     assert np.abs(nbgn.group_norm(x, 2)[:, 0] - expected).max() <= 1e-9
+
+
+# float32 inputs have their moments summed in float32 blocks (see nbgn/kernels/moments.py); the
+# tests below hold the guards that keep that exact: a pivot far from a block's mean is replaced,
+# a sum that overflows float32 is redone in float64, and a near-zero eps keeps float64 sums.
+
+
+def _in_layout(x, layout):
+    """``x`` (N, C, *spatial) as a C-contiguous array in ``layout``."""
+    return np.ascontiguousarray(from_channels_first(x, layout))
+
+
+def _assert_close_to_reference(x, groups, layout, tolerance, eps=1e-5):
+    """Both the allocating and the in-place result within ``tolerance`` of the reference, in units
+    of the output (relative where the output is larger than 1)."""
+    expected = reference_group_norm(x, groups, eps=eps, layout=layout)
+    scale = np.maximum(1.0, np.abs(expected))
+    result = nbgn.group_norm(x, groups, eps=eps, layout=layout)
+    assert (np.abs(result - expected) / scale).max() <= tolerance
+    y = x.copy()
+    nbgn.group_norm(y, groups, eps=eps, layout=layout, out=y)
+    assert (np.abs(y - expected) / scale).max() <= tolerance
+
+
+SERIAL_AND_PARALLEL = [(2, 4, 32, 32), (1, 8, 128, 128)]
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", SERIAL_AND_PARALLEL)
+def test_float32_outlier_pivot_is_replaced(shape, layout):
+    """The group's first value, the first pivot, is 1000 standard deviations away from the rest:
+    float32 sums about it would lose ~1e-3 of the variance to rounding."""
+    x = _far_from_zero(np.float32, 3e4, 1e-2, shape, seed=4)
+    x[:, 0, 0, 0] = 3e4 + 10.0
+    _assert_close_to_reference(_in_layout(x, layout), 1, layout, 2e-5)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", SERIAL_AND_PARALLEL)
+def test_float32_jump_between_blocks(shape, layout):
+    """A group whose first half sits at 0 and second half at 1e4 (std 1e-2 each): the pivot taken
+    from the first values is far from the later blocks' means."""
+    x = _far_from_zero(np.float32, 0.0, 1e-2, shape, seed=5)
+    x[:, shape[1] // 2 :] += np.float32(1e4)
+    _assert_close_to_reference(_in_layout(x, layout), 1, layout, 2e-5)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", SERIAL_AND_PARALLEL)
+def test_float32_spread_beyond_float32_squares(shape, layout):
+    """Spread 1e25: squared deviations overflow float32, so those sums are redone in float64."""
+    x = _far_from_zero(np.float32, 0.0, 1e25, shape, seed=6)
+    _assert_close_to_reference(_in_layout(x, layout), 2, layout, 2e-5)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", SERIAL_AND_PARALLEL)
+def test_float32_tiny_spread_with_eps_zero(shape, layout):
+    """Spread 1e-25 and eps=0: squared deviations underflow float32, so the sums stay float64 and
+    the output has unit variance, not the exact bias of a constant group."""
+    x = _in_layout(_far_from_zero(np.float32, 1e-20, 1e-25, shape, seed=7), layout)
+    _assert_close_to_reference(x, 2, layout, 2e-5, eps=0.0)
+    _, var = nbgn.group_moments(nbgn.group_norm(x, 2, eps=0.0, layout=layout), 2, layout=layout)
+    np.testing.assert_allclose(var, 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_error_is_at_the_output_rounding_level(dtype, layout):
+    """Ordinary data, many blocks per group: the error stays within a few output ulps."""
+    x = _far_from_zero(dtype, 5.0, 3.0, (2, 8, 96, 96), seed=8)
+    expected = from_channels_first(reference_group_norm(x, 2), layout)
+    ulp = np.finfo(dtype).eps * np.abs(expected).max()
+    error = np.abs(nbgn.group_norm(_in_layout(x, layout), 2, layout=layout) - expected).max()
+    assert error <= 8 * ulp
