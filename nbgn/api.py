@@ -119,11 +119,11 @@ def group_moments(
     parallel, parts, _ = _plan(geometry, channels_last)
     # The moments a caller asks for are summed in float64 throughout: exact to float64 rounding.
     if not parallel:
-        partial, refs = _partial_moments(flat, geometry, channels_last, 1, False, serial=True)
+        partial, refs = _partial_moments(flat, geometry, channels_last, 1, 0.0, serial=True)
         mean, var = moments.finish_moments_serial(partial, refs, 1)
         return mean.reshape(shape), var.reshape(shape)
     with _threading.kernel_guard():
-        partial, refs = _partial_moments(flat, geometry, channels_last, parts, False)
+        partial, refs = _partial_moments(flat, geometry, channels_last, parts, 0.0)
         mean, var = moments.finish_moments(partial, refs, parts)
     return mean.reshape(shape), var.reshape(shape)
 
@@ -165,13 +165,13 @@ def _plan(geometry: Geometry, channels_last: bool) -> _schedule.Plan:
     return _schedule.plan(n * g, (c // g) * s)
 
 
-def _partial_moments(flat, geometry, channels_last, parts, native, serial=False):
+def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=False):
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
     if channels_last:
         kernel = nhwc.partial_moments_serial if serial else nhwc.partial_moments
-        return kernel(flat, n, s, c, g, parts, native)
+        return kernel(flat, n, s, c, g, parts, sum_type)
     kernel = nchw.partial_moments_serial if serial else nchw.partial_moments
-    return kernel(flat, n, c, s, g, parts, native)
+    return kernel(flat, n, c, s, g, parts, sum_type)
 
 
 def _run(x, out, geometry, channels_last, weight, bias, eps):
@@ -180,22 +180,23 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
     source = _flat(x, geometry, channels_last)
     target = None if out is None else _flat(out, geometry, channels_last)
     plan = _plan(geometry, channels_last)
-    native = eps >= moments.NATIVE_MIN_EPS
+    # Moments summed in the input's precision, unless eps is too small for that (see moments).
+    sum_type = source.dtype.type(0) if eps >= moments.NATIVE_MIN_EPS else 0.0
     if not plan.parallel:
         if channels_last:
-            nhwc.group_norm_fused_serial(source, target, n, s, c, g, weight, bias, eps, native, 1)
+            nhwc.group_norm_fused_serial(source, target, n, s, c, g, weight, bias, eps, sum_type, 1)
         else:
-            nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, native)
+            nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, sum_type)
         return x if out is None else out
     with _threading.kernel_guard():
         if plan.parts == 1 and channels_last:
             nhwc.group_norm_fused(
-                source, target, n, s, c, g, weight, bias, eps, native, plan.chunks
+                source, target, n, s, c, g, weight, bias, eps, sum_type, plan.chunks
             )
         elif plan.parts == 1:
-            nchw.group_norm_fused(source, target, n, c, s, g, weight, bias, eps, native)
+            nchw.group_norm_fused(source, target, n, c, s, g, weight, bias, eps, sum_type)
         else:
-            partial, refs = _partial_moments(source, geometry, channels_last, plan.parts, native)
+            partial, refs = _partial_moments(source, geometry, channels_last, plan.parts, sum_type)
             coefficients = moments.channel_coefficients(
                 partial, refs, plan.parts, c, g, weight, bias, eps, source
             )

@@ -7,15 +7,16 @@ The algorithm (one read of the input):
    is a value of the data within two standard deviations of the block's mean (checked, see 2), so
    the shifted values are of the order of the spread, not of the mean: ``m2 = s2 - s1**2 / n``
    cancels nothing even when the mean is 1e8 standard deviations from zero.
-2. The sums run in the input's precision (``native``): in float32, twice the SIMD lanes of float64,
-   which is what makes a cache-resident group norm fast. That stays accurate because every term is
+2. The sums run in the input's precision (*native* sums): in float32, twice the SIMD lanes of
+   float64, which is what makes a cache-resident group norm fast. That stays accurate because every term is
    of the order of the spread and each SIMD lane adds up only ``BLOCK / lanes`` of them before the
    block's sums are flushed to float64. Two checks guard the assumption, so hostile data costs a
    redo, never accuracy: a pivot further than ``REPIVOT`` standard deviations from the block's mean
    (an outlier as first value, a jump in the data) redoes the block about its mean, and a
    non-finite ``s2`` (float32 overflow, or NaN/Inf in the data) redoes it in float64.
-   With ``native=False`` (``group_moments``, and ``eps`` below ``NATIVE_MIN_EPS``, where float32
-   underflow of tiny spreads would matter) every block is summed in float64.
+   The kernels take ``sum_type``, a zero of the type to sum in, and Numba compiles one kernel per
+   type: float64 for ``group_moments`` and for ``eps`` below ``NATIVE_MIN_EPS`` (where float32
+   underflow of tiny spreads would matter), the input's dtype otherwise.
 3. Blocks are merged with Chan's pairwise formula in float64, whose terms are all non-negative: no
    cancellation. Every running mean is kept as an *offset* from a reference value ``ref`` (the
    group's first element), so the mean is carried as ``ref + offset`` with more than float64
@@ -47,10 +48,6 @@ from ._compile import parallel_and_serial
 #: most ~70 float32 ulps of a sum of terms of the order of the variance. Long enough that the flush
 #: and merge (a few dozen instructions) cost ~2% of a block; 8 KiB of float32 stays in L1.
 BLOCK = 1 << 11
-
-#: Values per block when summing in float64, where precision does not depend on the block's length:
-#: long enough that the per-block work is negligible, short enough to stay in L1/L2.
-FLOAT64_BLOCK = 1 << 14
 
 #: A block's sums stand if ``(block mean - pivot)**2 <= REPIVOT * block variance``, i.e. the pivot
 #: lies within 2 standard deviations of the block's mean, which bounds the float32 sums' terms by
@@ -126,32 +123,31 @@ def pivot_stands(count, s1, s2):
 
 
 @numba.njit(inline="always")
-def contiguous_moments(flat, start, stop, ref, stats, row, native):
+def contiguous_moments(flat, start, stop, ref, stats, row, sum_type):
     """Merge the moments of the contiguous run ``flat[start:stop]`` into ``stats[row]``.
 
-    Blocks are summed about ``pivot`` (input dtype) in the input's precision if ``native``, else in
-    float64; see the module notes for the checks. The first value is the first pivot, and a pivot
-    stays until a block finds it too far from its mean: the next block's sums need not wait for
-    this block's merge. A block that must be redone (about its mean, or in float64) goes round the
-    loop again: one call site per precision keeps the hot loop inlined.
+    Blocks are summed in the type of ``sum_type`` (the input's for native sums, or float64); see
+    the module notes for the checks. The first value is the first pivot, and a pivot stays until a
+    block finds it too far from its mean: the next block's sums need not wait for this block's
+    merge. A block that must be redone (about its mean, or in float64) goes round the loop again:
+    one call site per type keeps the hot loop inlined.
     """
-    block_size = BLOCK if native else FLOAT64_BLOCK
-    pivot = flat[start]
+    pivot = cast_like(flat[start], sum_type)
     block_start = start
-    in_float64 = not native
+    in_float64 = False
     repivoted = False
     while block_start < stop:
-        block_stop = min(block_start + block_size, stop)
+        block_stop = min(block_start + BLOCK, stop)
         count = block_stop - block_start
         block = flat[block_start:block_stop]
         pivot64 = np.float64(pivot)
         if in_float64:
             s1, s2 = shifted_sums(block, pivot64)
         else:
-            native_s1, native_s2 = shifted_sums(block, pivot)
-            s1, s2 = np.float64(native_s1), np.float64(native_s2)
+            typed_s1, typed_s2 = shifted_sums(block, pivot)
+            s1, s2 = np.float64(typed_s1), np.float64(typed_s2)
         if not repivoted and not pivot_stands(count, s1, s2):
-            pivot = cast_like(pivot64 + s1 / count, flat)
+            pivot = cast_like(pivot64 + s1 / count, sum_type)
             repivoted = True
         elif not in_float64 and not np.isfinite(s2):
             in_float64 = True
@@ -159,7 +155,7 @@ def contiguous_moments(flat, start, stop, ref, stats, row, native):
             merge_shifted_sums(stats, row, count, s1, s2, pivot64, ref)
             block_start = block_stop
             repivoted = False
-            in_float64 = not native
+            in_float64 = False
 
 
 @numba.njit(inline="always")

@@ -24,7 +24,7 @@ from .moments import (
 
 
 def _group_norm_fused(
-    x, out, num_samples, channels, spatial, num_groups, weight, bias, eps, native
+    x, out, num_samples, channels, spatial, num_groups, weight, bias, eps, sum_type
 ):
     """Normalize every slab in one parallel loop: moments, then normalization from cache.
 
@@ -33,8 +33,9 @@ def _group_norm_fused(
     x : float32 or float64 array, shape (N * C * spatial,), C-contiguous
     out : array like ``x``, or None to normalize ``x`` in place
     weight, bias : float64 arrays, shape (C,)
-    native : bool
-        Sum the moments in the input's precision (see ``moments``).
+    sum_type : float32 or float64 scalar
+        A zero of the type the moments are summed in (see ``moments``); Numba compiles one kernel
+        per type.
     """
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
@@ -43,7 +44,7 @@ def _group_norm_fused(
     for slab in numba.prange(num_slabs):
         slab_start = slab * slab_length
         ref = np.float64(x[slab_start])
-        contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, slab, native)
+        contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, slab, sum_type)
         mean_hi, mean_lo, _, rstd = finalize_group(
             ref, stats[slab, 0], stats[slab, 1], stats[slab, 2], eps
         )
@@ -60,7 +61,7 @@ def _group_norm_fused(
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
 
 
-def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts, native):
+def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts, sum_type):
     """Moments of ``num_parts`` pieces of every slab, for when slabs are fewer than threads.
 
     Returns
@@ -81,7 +82,7 @@ def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts, n
         start, stop = part_bounds(slab_length, num_parts, item % num_parts)
         slab_start = slab * slab_length
         contiguous_moments(
-            x, slab_start + start, slab_start + stop, refs[slab], partial, item, native
+            x, slab_start + start, slab_start + stop, refs[slab], partial, item, sum_type
         )
     return partial, refs
 

@@ -55,24 +55,25 @@ def chunk_bounds(num_items, num_chunks, chunk):
 
 
 @numba.njit(inline="always")
-def lane_scratch(x, positions, channels, num_groups):
+def lane_scratch(positions, channels, num_groups, sum_type):
     """Scratch for ``sample_moments`` and ``apply_positions`` on ranges of up to ``positions``:
-    ``(native, wide, lane_group)``, in the input dtype, float64 and int64 (see ``sample_moments``).
+    ``(lane_space, wide, lane_group)``, in the type of ``sum_type``, float64 and int64 (see
+    ``sample_moments``).
 
     Separate arrays, carved into views where they are used: a named tuple of such arrays read freed
     memory under Numba 0.68.
     """
     width = lane_positions(channels, positions) * channels
-    native = np.empty(3 * width + num_groups, x.dtype)
-    wide = np.empty(3 * width + 2 * channels + 4 * num_groups)
-    return native, wide, np.empty(width, np.int64)
+    lane_space = np.full(3 * width + num_groups, sum_type)
+    wide = np.empty(2 * channels + 4 * num_groups)
+    return lane_space, wide, np.empty(width, np.int64)
 
 
 @numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
-def lane_sums(x, start, width, stream_stride, rows, four_streams, lanes):
+def lane_sums(x, start, width, stream_stride, rows, lanes):
     """Sum ``x - pivot`` and its square per lane into ``lanes[1]`` and ``lanes[2]``, in their type,
-    about ``lanes[0]``, over ``rows`` rows of ``width`` values from ``x[start]``; with
-    ``four_streams``, each of those rows together with the rows ``stream_stride``, 2 and 3 times
+    about ``lanes[0]``, over ``rows`` rows of ``width`` values from ``x[start]``; with a positive
+    ``stream_stride``, each of those rows together with the rows ``stream_stride``, 2 and 3 times
     ``stream_stride`` further (a *sweep*).
 
     Four rows from four distant places are four long sequential streams that the hardware
@@ -82,7 +83,7 @@ def lane_sums(x, start, width, stream_stride, rows, four_streams, lanes):
     pivot, s1, s2 = lanes[0, :width], lanes[1, :width], lanes[2, :width]
     s1[:] = 0.0
     s2[:] = 0.0
-    if four_streams:
+    if stream_stride > 0:
         for r in range(rows):
             base = start + r * width
             row0 = x[base : base + width]
@@ -144,76 +145,100 @@ def repivot(group_pivot, sums, count):
     return moved
 
 
-@numba.njit(inline="always")
-def block_group_sums(x, start, width, stream_stride, rows, four_streams, count, lane_group, lanes,
+@numba.njit(cache=True)
+def block_group_sums(x, start, width, stream_stride, rows, count, lane_group, lanes,
                      channel_sums, group_pivot, sums):  # fmt: skip
     """Group sums ``sums[:, 0:2]`` of one block about ``group_pivot`` (expanded in ``lanes[0]``),
     in the type of ``lanes``; summed again, once, about the block's means where a pivot did not
     stand (the moved pivots stay for the next blocks)."""
-    lane_sums(x, start, width, stream_stride, rows, four_streams, lanes)
+    lane_sums(x, start, width, stream_stride, rows, lanes)
     group_sums(lanes, width, channel_sums, sums)
     if repivot(group_pivot, sums, count):
         expand_pivots(group_pivot, lane_group, lanes)
-        lane_sums(x, start, width, stream_stride, rows, four_streams, lanes)
+        lane_sums(x, start, width, stream_stride, rows, lanes)
         group_sums(lanes, width, channel_sums, sums)
 
 
-@numba.njit(inline="always")
-def block_group_moments(x, start, width, stream_stride, rows, four_streams, native, count, refs,
-                        stats, lane_group, lanes, lanes64, channel_sums, group_pivot,
-                        sums):  # fmt: skip
+@numba.njit(cache=True)
+def float64_block_group_sums(x, start, width, stream_stride, rows, count, group_pivot,
+                             channel_sums, sums):  # fmt: skip
+    """``block_group_sums`` in float64, value by value, for the rare block whose float32 sums are
+    not finite (an overflow, or NaN/Inf in the data). ``group_pivot`` is float64."""
+    channels = channel_sums.shape[1]
+    num_groups = group_pivot.size
+    channels_per_group = channels // num_groups
+    streams = 4 if stream_stride > 0 else 1
+    for _attempt in range(2):
+        channel_sums[:] = 0.0
+        for stream in range(streams):
+            for r in range(rows):
+                row_start = start + stream * stream_stride + r * width
+                for position_start in range(row_start, row_start + width, channels):
+                    for g in range(num_groups):
+                        pivot = group_pivot[g]
+                        for c in range(g * channels_per_group, (g + 1) * channels_per_group):
+                            d = np.float64(x[position_start + c]) - pivot
+                            channel_sums[0, c] += d
+                            channel_sums[1, c] += d * d
+        for g in range(num_groups):
+            first = g * channels_per_group
+            sums[g, 0] = np.sum(channel_sums[0, first : first + channels_per_group])
+            sums[g, 1] = np.sum(channel_sums[1, first : first + channels_per_group])
+        if _attempt == 1 or not repivot(group_pivot, sums, count):
+            break
+
+
+@numba.njit(cache=True)
+def block_group_moments(x, start, width, stream_stride, rows, count, refs, stats, lane_group, lanes,
+                        channel_sums, group_pivot, sums):  # fmt: skip
     """Merge the moments of one block of rows into ``stats[g]`` for every group ``g``.
 
-    ``count`` values of each group lie in the block. Summed in the input's precision if
-    ``native`` and in float64 where a sum is not finite, as in ``moments.contiguous_moments``. The
-    arrays are ``sample_moments``'s scratch.
+    ``count`` values of each group lie in the block. Summed in the type of ``lanes``, and redone in
+    float64 where a sum is not finite, as in ``moments.contiguous_moments``. The arrays are
+    ``sample_moments``'s scratch.
     """
     num_groups = group_pivot.size
-    if native:
-        block_group_sums(x, start, width, stream_stride, rows, four_streams, count, lane_group,
-                         lanes, channel_sums, group_pivot, sums)  # fmt: skip
-        finite = True
+    block_group_sums(x, start, width, stream_stride, rows, count, lane_group, lanes, channel_sums,
+                     group_pivot, sums)  # fmt: skip
+    finite = True
+    for g in range(num_groups):
+        finite = finite and np.isfinite(sums[g, 1])
+    if finite:
         for g in range(num_groups):
-            finite = finite and np.isfinite(sums[g, 1])
-        if finite:
-            for g in range(num_groups):
-                pivot = np.float64(group_pivot[g])
-                merge_shifted_sums(stats, g, count, sums[g, 0], sums[g, 1], pivot, refs[g])
-            return
+            pivot = np.float64(group_pivot[g])
+            merge_shifted_sums(stats, g, count, sums[g, 0], sums[g, 1], pivot, refs[g])
+        return
     group_pivot64 = sums[:, 2]
     for g in range(num_groups):
         group_pivot64[g] = group_pivot[g]
-    expand_pivots(group_pivot64, lane_group, lanes64)
-    block_group_sums(x, start, width, stream_stride, rows, four_streams, count, lane_group,
-                     lanes64, channel_sums, group_pivot64, sums)  # fmt: skip
+    float64_block_group_sums(x, start, width, stream_stride, rows, count, group_pivot64,
+                             channel_sums, sums)  # fmt: skip
     for g in range(num_groups):
         merge_shifted_sums(stats, g, count, sums[g, 0], sums[g, 1], group_pivot64[g], refs[g])
         group_pivot[g] = cast_like(group_pivot64[g], group_pivot)
     expand_pivots(group_pivot, lane_group, lanes)
 
 
-@numba.njit(inline="always")
-def sample_moments(x, sample_start, first_position, stop_position, channels, num_groups, native,
-                   stats, scratch_native, scratch_wide, lane_group):  # fmt: skip
+@numba.njit(cache=True)
+def sample_moments(x, sample_start, first_position, stop_position, channels, num_groups, stats,
+                   lane_space, wide, lane_group):  # fmt: skip
     """Merge the moments of positions ``[first_position, stop_position)`` of one sample.
 
     ``stats[g]`` receives group ``g``'s ``(count, offset, m2)``, offsets about the sample's first
     value of that group, ``x[sample_start + g * channels_per_group]``. The scratch comes from
-    ``lane_scratch`` and holds, per lane: its group, and (pivot, s1, s2) in the input dtype and in
-    float64 for the fallback; per channel: float64 (s1, s2); per group: the pivot, the reference
-    and float64 (s1, s2, fallback pivot).
+    ``lane_scratch``; the moments are summed in the type of ``lane_space``, which holds per lane
+    (pivot, s1, s2) and per group the pivot. ``wide`` holds float64 (s1, s2) per channel and per
+    group the reference and (s1, s2, float64 pivot); ``lane_group`` each lane's group.
     """
     channels_per_group = channels // num_groups
     positions = stop_position - first_position
     positions_per_row = lane_positions(channels, positions)
     width = positions_per_row * channels
-    lanes = scratch_native[: 3 * width].reshape(3, width)
-    group_pivot = scratch_native[3 * width : 3 * width + num_groups]
-    lanes64 = scratch_wide[: 3 * width].reshape(3, width)
-    per_channel = scratch_wide[3 * width : 3 * width + 2 * channels].reshape(2, channels)
-    per_group = scratch_wide[3 * width + 2 * channels : 3 * width + 2 * channels + 4 * num_groups]
-    refs = per_group[:num_groups]
-    sums = per_group[num_groups:].reshape(num_groups, 3)
+    lanes = lane_space[: 3 * width].reshape(3, width)
+    group_pivot = lane_space[3 * width : 3 * width + num_groups]
+    per_channel = wide[: 2 * channels].reshape(2, channels)
+    refs = wide[2 * channels : 2 * channels + num_groups]
+    sums = wide[2 * channels + num_groups : 2 * channels + 4 * num_groups].reshape(num_groups, 3)
     groups_of_lanes = lane_group[:width]
     lane = 0
     for _position in range(positions_per_row):
@@ -230,25 +255,32 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
         group_pivot[g] = x[rows_start + g * channels_per_group]
     expand_pivots(group_pivot, groups_of_lanes, lanes)
 
+    # Blocks of sweeps over the four quarters of the rows, then what the quarters leave, position by
+    # position (up to three rows and a partial one). One call site: each kind of block compiled
+    # separately would double the compile time.
     full_rows = positions // positions_per_row
     quarter = full_rows // 4
-    for first_sweep in range(0, quarter, SWEEPS_PER_BLOCK):
-        sweeps = min(SWEEPS_PER_BLOCK, quarter - first_sweep)
-        block_start = rows_start + first_sweep * width
-        count = sweeps * 4 * positions_per_row * channels_per_group
-        block_group_moments(x, block_start, width, quarter * width, sweeps, True, native, count,
-                            refs, stats, groups_of_lanes, lanes, lanes64, per_channel,
-                            group_pivot, sums)  # fmt: skip
-    # What the quarters leave, position by position: up to three rows and a partial one.
+    sweep_blocks = -(-quarter // SWEEPS_PER_BLOCK)
     tail_start = rows_start + 4 * quarter * width
     tail_positions = positions - 4 * quarter * positions_per_row
-    for first_position_of_block in range(0, tail_positions, 4 * SWEEPS_PER_BLOCK):
-        block_positions = min(4 * SWEEPS_PER_BLOCK, tail_positions - first_position_of_block)
-        block_start = tail_start + first_position_of_block * channels
-        count = block_positions * channels_per_group
-        block_group_moments(x, block_start, channels, 0, block_positions, False, native, count,
-                            refs, stats, groups_of_lanes, lanes, lanes64, per_channel,
-                            group_pivot, sums)  # fmt: skip
+    tail_blocks = -(-tail_positions // (4 * SWEEPS_PER_BLOCK))
+    for block in range(sweep_blocks + tail_blocks):
+        if block < sweep_blocks:
+            first_sweep = block * SWEEPS_PER_BLOCK
+            rows = min(SWEEPS_PER_BLOCK, quarter - first_sweep)
+            block_start = rows_start + first_sweep * width
+            block_width = width
+            stream_stride = quarter * width
+            count = rows * 4 * positions_per_row * channels_per_group
+        else:
+            first_position_of_block = (block - sweep_blocks) * 4 * SWEEPS_PER_BLOCK
+            rows = min(4 * SWEEPS_PER_BLOCK, tail_positions - first_position_of_block)
+            block_start = tail_start + first_position_of_block * channels
+            block_width = channels
+            stream_stride = 0
+            count = rows * channels_per_group
+        block_group_moments(x, block_start, block_width, stream_stride, rows, count, refs, stats,
+                            groups_of_lanes, lanes, per_channel, group_pivot, sums)  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -260,21 +292,21 @@ def apply_row(x, out, start, width, center, scale, shift):
         target[j] = (source[j] - center[j]) * scale[j] + shift[j]
 
 
-@numba.njit(inline="always")
+@numba.njit(cache=True)
 def apply_positions(x, out, sample_start, first_position, stop_position, channels, coefficients,
-                    scratch_native):  # fmt: skip
+                    lane_space):  # fmt: skip
     """Normalize positions ``[first_position, stop_position)`` of one sample, last rows first.
 
     ``coefficients`` holds the sample's ``(center, scale, shift)`` per channel, shape ``(C, 3)``;
-    they are spread over the lanes in ``scratch_native`` (from ``lane_scratch``). Each sweep
+    they are spread over the lanes in ``lane_space`` (from ``lane_scratch``). Each sweep
     normalizes one row from each quarter of the range, sharing the loads of the lane coefficients,
     in four long streams the hardware prefetchers can follow.
     """
     positions_per_row = lane_positions(channels, stop_position - first_position)
     width = positions_per_row * channels
-    center = scratch_native[:width]
-    scale = scratch_native[width : 2 * width]
-    shift = scratch_native[2 * width : 3 * width]
+    center = lane_space[:width]
+    scale = lane_space[width : 2 * width]
+    shift = lane_space[2 * width : 3 * width]
     for row_start in range(0, width, channels):
         for c in range(channels):
             center[row_start + c] = coefficients[c, 0]
@@ -314,53 +346,59 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
             target3[j] = (source3[j] - c) * a + b
 
 
+@numba.njit(cache=True)
+def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups, weight,
+                      bias, eps, sum_type):  # fmt: skip
+    """Normalize samples ``[first_sample, stop_sample)`` one after the other: each sample's moments,
+    then its normalization while it is still in cache. Arguments as for ``_group_norm_fused``."""
+    channels_per_group = channels // num_groups
+    sample_length = spatial * channels
+    lane_space, wide, lane_group = lane_scratch(spatial, channels, num_groups, sum_type)
+    stats = np.empty((num_groups, 3))
+    coefficients = np.empty((channels, 3), x.dtype)
+    for n in range(first_sample, stop_sample):
+        sample_start = n * sample_length
+        stats[:] = 0.0
+        sample_moments(x, sample_start, 0, spatial, channels, num_groups, stats, lane_space, wide,
+                       lane_group)  # fmt: skip
+        for g in range(num_groups):
+            ref = np.float64(x[sample_start + g * channels_per_group])
+            mean_hi, mean_lo, _, rstd = finalize_group(
+                ref, stats[g, 0], stats[g, 1], stats[g, 2], eps
+            )
+            for c in range(g * channels_per_group, (g + 1) * channels_per_group):
+                center, scale, shift = fold_channel(mean_hi, mean_lo, rstd, weight[c], bias[c], x)
+                coefficients[c, 0] = center
+                coefficients[c, 1] = scale
+                coefficients[c, 2] = shift
+        apply_positions(x, out, sample_start, 0, spatial, channels, coefficients, lane_space)
+
+
 def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
-                      native, num_chunks):  # fmt: skip
-    """Normalize whole samples, ``num_chunks`` runs of them in parallel: each sample's moments,
-    then its normalization from cache.
+                      sum_type, num_chunks):  # fmt: skip
+    """Normalize whole samples, ``num_chunks`` runs of them in parallel (``normalize_samples``).
 
     Parameters
     ----------
     x : float32 or float64 array, shape (N * spatial * C,), C-contiguous
     out : array like ``x``, or None to normalize ``x`` in place
     weight, bias : float64 arrays, shape (C,)
-    native : bool
-        Sum the moments in the input's precision (see ``moments``).
+    sum_type : float32 or float64 scalar
+        A zero of the type the moments are summed in (see ``moments``); Numba compiles one kernel
+        per type.
     num_chunks : int
         Runs of samples, at most N: one per thread.
     """
-    channels_per_group = channels // num_groups
-    sample_length = spatial * channels
     for chunk in numba.prange(num_chunks):
-        scratch_native, scratch_wide, lane_group = lane_scratch(x, spatial, channels, num_groups)
-        stats = np.empty((num_groups, 3))
-        coefficients = np.empty((channels, 3), x.dtype)
         first_sample, stop_sample = chunk_bounds(num_samples, num_chunks, chunk)
-        for n in range(first_sample, stop_sample):
-            sample_start = n * sample_length
-            stats[:] = 0.0
-            sample_moments(x, sample_start, 0, spatial, channels, num_groups, native, stats,
-                           scratch_native, scratch_wide, lane_group)  # fmt: skip
-            for g in range(num_groups):
-                ref = np.float64(x[sample_start + g * channels_per_group])
-                mean_hi, mean_lo, _, rstd = finalize_group(
-                    ref, stats[g, 0], stats[g, 1], stats[g, 2], eps
-                )
-                for c in range(g * channels_per_group, (g + 1) * channels_per_group):
-                    center, scale, shift = fold_channel(
-                        mean_hi, mean_lo, rstd, weight[c], bias[c], x
-                    )
-                    coefficients[c, 0] = center
-                    coefficients[c, 1] = scale
-                    coefficients[c, 2] = shift
-            apply_positions(x, out, sample_start, 0, spatial, channels, coefficients,
-                            scratch_native)  # fmt: skip
+        normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
+                          weight, bias, eps, sum_type)  # fmt: skip
 
 
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
 
 
-def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, native):
+def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, sum_type):
     """Moments of ``num_parts`` position ranges of every sample, for when samples are few.
 
     Returns
@@ -376,11 +414,9 @@ def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, n
     for item in numba.prange(num_samples * num_parts):
         start, stop = part_bounds(spatial, num_parts, item % num_parts)
         sample_start = (item // num_parts) * sample_length
-        scratch_native, scratch_wide, lane_group = lane_scratch(
-            x, stop - start, channels, num_groups
-        )
-        sample_moments(x, sample_start, start, stop, channels, num_groups, native, by_part[item],
-                       scratch_native, scratch_wide, lane_group)  # fmt: skip
+        lane_space, wide, lane_group = lane_scratch(stop - start, channels, num_groups, sum_type)
+        sample_moments(x, sample_start, start, stop, channels, num_groups, by_part[item],
+                       lane_space, wide, lane_group)  # fmt: skip
     partial = np.empty((num_samples * num_groups * num_parts, 3))
     refs = np.empty(num_samples * num_groups)
     for n in range(num_samples):
@@ -405,7 +441,7 @@ def apply_parts(x, out, coefficients, spatial, channels, num_parts):
     for item in numba.prange(num_samples * num_parts):
         n = item // num_parts
         start, stop = part_bounds(spatial, num_parts, item % num_parts)
-        scratch_native = np.empty(3 * lane_positions(channels, stop - start) * channels, x.dtype)
+        lane_space = np.empty(3 * lane_positions(channels, stop - start) * channels, x.dtype)
         apply_positions(x, out, n * sample_length, start, stop, channels,
                         coefficients[n * channels : (n + 1) * channels],
-                        scratch_native)  # fmt: skip
+                        lane_space)  # fmt: skip
