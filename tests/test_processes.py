@@ -41,6 +41,11 @@ SCENARIO = textwrap.dedent(
 
     if __name__ == "__main__":
         assert normalize(0) < 2e-5  # the parent starts the threading layer first
+        # A Pool waits forever for a result from a worker that died; a Process reports its death.
+        child = mp.get_context("fork").Process(target=normalize, args=(2,))
+        child.start()
+        child.join()
+        assert child.exitcode == 0, f"a forked child died: exit code {{child.exitcode}}"
         with mp.get_context("fork").Pool(2) as pool:  # DataLoader-style workers
             assert max(pool.map(normalize, range(8))) < 2e-5
             serial_children = set(pool.map(forked_serial_only, range(2)))

@@ -1,5 +1,6 @@
 """Concurrency: many Python threads calling nbgn at once, on every threading layer nbgn may run on."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -30,19 +31,24 @@ def _cases(count, seed=0):
 
 
 def _hammer(cases, threads, calls_per_thread):
+    """Every (worker, call, problem) that raised or came out wrong, from ``threads`` threads."""
     failures = []
 
     def work(worker):
         for call in range(calls_per_thread):
             x, layout, expected = cases[(worker * 7 + call) % len(cases)]
-            if call % 2:
-                y = x.copy()
-                nbgn.group_norm(y, 4, layout=layout, out=y)
-            else:
-                y = nbgn.group_norm(x, 4, layout=layout)
+            try:
+                if call % 2:
+                    y = x.copy()
+                    nbgn.group_norm(y, 4, layout=layout, out=y)
+                else:
+                    y = nbgn.group_norm(x, 4, layout=layout)
+            except Exception as error:  # uncaught, it would end the thread and go unreported
+                failures.append((worker, call, repr(error)))
+                continue
             tol = 2e-5 if x.dtype == np.float32 else 1e-12
             if not np.allclose(y, expected, atol=tol, rtol=0):
-                failures.append((worker, call))
+                failures.append((worker, call, "wrong result"))
 
     pool = [threading.Thread(target=work, args=(w,)) for w in range(threads)]
     for thread in pool:
@@ -56,6 +62,18 @@ def _hammer(cases, threads, calls_per_thread):
 @pytest.mark.slow
 def test_eight_threads_hundreds_of_calls():
     assert _hammer(_cases(12), threads=8, calls_per_thread=60) == []
+
+
+def test_an_exception_in_a_thread_is_a_failure(monkeypatch):
+    def refuse_in_place(x, num_groups, *args, out=None, **kwargs):
+        if out is not None:
+            raise RuntimeError("refused")
+        return group_norm(x, num_groups, *args, **kwargs)
+
+    group_norm = nbgn.group_norm
+    monkeypatch.setattr(nbgn, "group_norm", refuse_in_place)
+    failures = _hammer(_cases(2), threads=2, calls_per_thread=4)
+    assert sorted(failures) == [(w, c, "RuntimeError('refused')") for w in (0, 1) for c in (1, 3)]
 
 
 SCRIPT = textwrap.dedent(
@@ -72,8 +90,6 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(prelude, env_extra=None):
-    import os
-
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_THREADING_LAYER"}
     env.update(env_extra or {})
     tests = os.path.dirname(os.path.abspath(__file__))
@@ -167,8 +183,6 @@ def test_set_num_threads_is_respected():
 
 
 def test_numba_num_threads_environment_is_respected():
-    import os
-
     code = (
         "import nbgn, numpy as np, numba;"
         "x = np.ones((4, 8, 64, 64), np.float32); x[:, :, 0] = 2;"
