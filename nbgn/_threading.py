@@ -24,7 +24,7 @@ the same process (a 128 KB ``F.group_norm`` took 4.5 ms instead of 7.5 us). So a
    (RTLD_GLOBAL). This also serves a user who asked for tbb;
 4. in a child forked after GNU OpenMP threads ran, where a parallel launch would kill the child, runs
    its serial kernels instead (``serial_only()``), as data-loader workers want anyway;
-5. serializes its own parallel launches with a lock on workqueue.
+5. serializes its own parallel launches with a lock on workqueue (a new lock in a forked child).
 
 ``describe()`` says what was chosen and why; ``python -m nbgn info`` prints it.
 """
@@ -137,6 +137,10 @@ def configure() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _LOCK
+    # A thread of the parent may have been inside a serialized launch at the fork: the child has
+    # its lock, held, but not the thread that would release it.
+    _LOCK = threading.Lock()
     if _threads_running() and numba.threading_layer() == "omp":
         from numba.np.ufunc import omppool
 

@@ -195,3 +195,43 @@ def test_numba_num_threads_environment_is_respected():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["1", "1"]
+
+
+def test_a_child_forked_while_another_thread_holds_the_launch_lock_can_launch():
+    # On workqueue a thread of the parent may be inside a serialized launch at the fork; the
+    # child inherits the lock held by a thread it does not have.
+    code = textwrap.dedent(
+        """
+        import os, signal, threading
+        import numpy as np
+        import nbgn
+        from nbgn import _threading
+
+        x = np.random.default_rng(0).standard_normal((4, 16, 48, 48))  # parallel
+        nbgn.group_norm(x, 4)
+        held, release = threading.Event(), threading.Event()
+
+        def launch_in_progress():
+            with _threading.kernel_guard():
+                held.set()
+                release.wait()
+
+        thread = threading.Thread(target=launch_in_progress)
+        thread.start()
+        held.wait()
+        pid = os.fork()
+        if pid == 0:
+            signal.alarm(60)  # a deadlocked child ends instead of hanging the test
+            y = nbgn.group_norm(x, 4)
+            os._exit(0 if abs(y.mean()) < 1e-6 and abs(y.std() - 1) < 1e-3 else 1)
+        release.set()
+        thread.join()
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), nbgn.info()["threading"]["active"])
+        """
+    )
+    env = {**os.environ, "NUMBA_THREADING_LAYER": "workqueue"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["0", "workqueue"]  # -14: the child deadlocked (SIGALRM)
