@@ -248,11 +248,14 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
                 lane += 1
     for g in range(num_groups):
         refs[g] = x[sample_start + g * channels_per_group]
-    # First pivots: each group's first value in the range; they move only where a block finds them
-    # too far from its mean (see moments.contiguous_moments).
+    # First pivots: each group's mean over its channels at the range's first position; they move
+    # only where a block finds them too far from its mean (see moments.contiguous_moments). A
+    # single value as pivot would, with 32 groups, leave some group's pivot more than two standard
+    # deviations out, and the whole block to be summed again, three times in four.
     rows_start = sample_start + first_position * channels
     for g in range(num_groups):
-        group_pivot[g] = x[rows_start + g * channels_per_group]
+        first = rows_start + g * channels_per_group
+        group_pivot[g] = cast_like(np.mean(x[first : first + channels_per_group]), group_pivot)
     expand_pivots(group_pivot, groups_of_lanes, lanes)
 
     # Blocks of sweeps over the four quarters of the rows, then what the quarters leave, position by
