@@ -17,6 +17,7 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -49,7 +50,12 @@ def plan(units: int, unit_elements: int) -> Plan:
     """The plan for ``units`` work units of ``unit_elements`` elements each."""
     if units * unit_elements < SERIAL_ELEMENTS or _threading.serial_only():
         return SERIAL
-    threads = _threading.num_threads()
+    return _parallel_plan(units, unit_elements, _threading.num_threads())
+
+
+@functools.lru_cache(maxsize=256)
+def _parallel_plan(units: int, unit_elements: int, threads: int) -> Plan:
+    """Cached: a call's Python overhead is part of what a small group norm costs."""
     if threads == 1:
         return SERIAL
     return Plan(

@@ -39,6 +39,7 @@ import threading
 from typing import Any
 
 import numba
+from numba.np.ufunc import parallel as _numba_parallel
 
 #: Environment prefixes where a pip/conda ``tbb`` package puts its shared library.
 _TBB_FILES = {
@@ -54,13 +55,12 @@ _choice: dict[str, Any] = {
     "reason": "not configured yet",
     "tbb_library": None,
     "serial_only": False,
+    "guard": None,
 }
 
 
 def _threads_running() -> bool:
-    from numba.np.ufunc import parallel
-
-    return bool(parallel._is_initialized)
+    return bool(_numba_parallel._is_initialized)
 
 
 def _user_choice() -> str | None:
@@ -141,6 +141,7 @@ def _after_fork_in_child() -> None:
     # A thread of the parent may have been inside a serialized launch at the fork: the child has
     # its lock, held, but not the thread that would release it.
     _LOCK = threading.Lock()
+    _choice["guard"] = None
     if _threads_running() and numba.threading_layer() == "omp":
         from numba.np.ufunc import omppool
 
@@ -148,11 +149,11 @@ def _after_fork_in_child() -> None:
 
 
 def num_threads() -> int:
-    """``numba.get_num_threads()``, without the locks it takes on every call once threads run."""
-    from numba.np.ufunc import parallel
-
-    if parallel._is_initialized:
-        return parallel._get_num_threads()
+    """``numba.get_num_threads()``, without the locks it takes on every call once threads run
+    (through Numba's private ``_get_num_threads``, where it has one)."""
+    get = getattr(_numba_parallel, "_get_num_threads", None)
+    if _numba_parallel._is_initialized and get is not None:
+        return get()
     return numba.get_num_threads()
 
 
@@ -179,9 +180,13 @@ def kernel_guard() -> contextlib.AbstractContextManager:
     launches are serialized: under "default" on a machine with neither tbb nor OpenMP, threads
     racing to the first launch would otherwise reach workqueue concurrently and abort.
     """
+    if _choice["guard"] is not None:
+        return _choice["guard"]
     active = _active_layer()
     if active is not None:
-        return _NO_LOCK if active in _THREAD_SAFE else _LOCK
+        # The active layer never changes once loaded: decide once.
+        _choice["guard"] = _NO_LOCK if active in _THREAD_SAFE else _LOCK
+        return _choice["guard"]
     return _NO_LOCK if _choice["layer"] in _THREAD_SAFE else _LOCK
 
 

@@ -186,7 +186,7 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
         if channels_last:
             nhwc.group_norm_fused_serial(source, target, n, s, c, g, weight, bias, eps, sum_type, 1)
         else:
-            nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, sum_type)
+            nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, sum_type, 1)
         return x if out is None else out
     with _threading.kernel_guard():
         if plan.parts == 1 and channels_last:
@@ -194,7 +194,9 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
                 source, target, n, s, c, g, weight, bias, eps, sum_type, plan.chunks
             )
         elif plan.parts == 1:
-            nchw.group_norm_fused(source, target, n, c, s, g, weight, bias, eps, sum_type)
+            nchw.group_norm_fused(
+                source, target, n, c, s, g, weight, bias, eps, sum_type, plan.chunks
+            )
         else:
             partial, refs = _partial_moments(source, geometry, channels_last, plan.parts, sum_type)
             coefficients = moments.channel_coefficients(

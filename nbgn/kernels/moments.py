@@ -248,6 +248,12 @@ def part_bounds(length, num_parts, part):
     return start, stop
 
 
+@numba.njit(inline="always")
+def chunk_bounds(num_items, num_chunks, chunk):
+    """``[start, stop)`` of chunk ``chunk`` of ``num_chunks`` near-equal runs of ``num_items``."""
+    return num_items * chunk // num_chunks, num_items * (chunk + 1) // num_chunks
+
+
 def _finish_moments(partial, refs, num_parts):
     """Merge per-part moments and return float64 ``(mean, var)`` per group, shape ``(groups,)``."""
     num_rows = refs.shape[0]
