@@ -42,13 +42,25 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
         contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, 0, sum_type)
         mean_hi, mean_lo, _, rstd = finalize_group(ref, stats[0, 0], stats[0, 1], stats[0, 2], eps)
         first_channel = (slab % num_groups) * channels_per_group
-        for k in range(channels_per_group - 1, -1, -1):
-            channel = first_channel + k
+        # Runs of channels with the same weight and bias (all of them without affine parameters)
+        # are one contiguous segment: one loop instead of one per channel, which matters when a
+        # channel is a few dozen values.
+        run_stop = channels_per_group
+        while run_stop > 0:
+            channel = first_channel + run_stop - 1
+            run_start = run_stop - 1
+            while (
+                run_start > 0
+                and weight[first_channel + run_start - 1] == weight[channel]
+                and bias[first_channel + run_start - 1] == bias[channel]
+            ):
+                run_start -= 1
             center, scale, shift = fold_channel(
                 mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
             )
-            channel_start = slab_start + k * spatial
-            apply_reversed(x, out, channel_start, channel_start + spatial, center, scale, shift)
+            apply_reversed(x, out, slab_start + run_start * spatial,
+                           slab_start + run_stop * spatial, center, scale, shift)  # fmt: skip
+            run_stop = run_start
 
 
 def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
