@@ -71,22 +71,42 @@ def contenders(x: np.ndarray, groups: int, layout: str) -> dict[str, Callable[[]
         contenders["pytorch"] = lambda: torch.nn.functional.group_norm(
             tensor, groups, t_weight, t_bias
         )
-    roofline_work = x.copy()
-    contenders["roofline x *= a"] = lambda: scale_inplace(roofline_work, 1.0)
+    # Over the same array as nbgn in place (``work``), as the roofline's definition says; a factor
+    # of 1 leaves it as it is.
+    contenders["roofline x *= a"] = lambda: scale_inplace(work, 1.0)
     return contenders
 
 
-def time_side_by_side(contenders: dict[str, Callable[[], object]], repeat: int) -> dict[str, float]:
-    """Median seconds per call of each contender, timed round-robin ``repeat`` times."""
+#: Bytes read to evict the caches before a cold measurement: twice the largest last-level cache
+#: we expect (the one here is 32 MiB).
+FLUSH_BYTES = 256 * 2**20
+
+
+def time_side_by_side(
+    contenders: dict[str, Callable[[], object]], repeat: int, cold: bool = False
+) -> dict[str, float]:
+    """Median seconds per call of each contender, timed round-robin ``repeat`` times.
+
+    By default each timed sample follows one untimed call of the same contender, so every
+    contender is measured in its own steady state (its data as warm as its previous call left
+    it), not in the state the contender before it left the caches in. With ``cold``, the caches
+    are flushed before every single timed call instead: every contender starts from memory.
+    """
     for run in contenders.values():
         run()  # compile and warm up
+    flush = np.ones(FLUSH_BYTES // 8) if cold else None
     start = time.perf_counter()
     contenders["nbgn in place"]()
     single = max(time.perf_counter() - start, 1e-7)
-    number = max(1, math.ceil(MIN_MEASUREMENT_SECONDS / single))
+    number = 1 if cold else max(1, math.ceil(MIN_MEASUREMENT_SECONDS / single))
     samples: dict[str, list[float]] = {name: [] for name in contenders}
     for _ in range(repeat):
         for name, run in contenders.items():
+            if flush is None:
+                run()
+            else:
+                # A parallel pass, so that the threads are awake, not waiting to be woken.
+                scale_inplace(flush, 1.0)
             start = time.perf_counter()
             for _ in range(number):
                 run()
@@ -114,12 +134,14 @@ def run(
     threads: int | None = None,
     repeat: int = 15,
     progress: Callable[[str], None] | None = None,
+    cold: bool = False,
 ) -> dict[str, Any]:
     """Time every contender on every case; return ``{"machine": ..., "results": [...]}``.
 
     ``cases`` are ``(name, (N, C, *spatial), num_groups)``; for NHWC the array is created
     channels last. Each result row: case, shape, groups, layout, dtype, threads, contender,
     ``seconds`` (median), ``vs_nbgn_in_place`` (time ratio), ``gb_per_s`` and ``roofline``.
+    ``cold``: caches flushed before every timed call (see ``time_side_by_side``).
     """
     torch = _torch()
     previous = numba.get_num_threads(), None if torch is None else torch.get_num_threads()
@@ -128,15 +150,15 @@ def run(
     if torch is not None:
         torch.set_num_threads(numba.get_num_threads())
     try:
-        rows = _run_cases(cases, layouts, dtypes, repeat, progress)
-        return {"machine": machine(), "repeat": repeat, "results": rows}
+        rows = _run_cases(cases, layouts, dtypes, repeat, progress, cold)
+        return {"machine": machine(), "repeat": repeat, "cold": cold, "results": rows}
     finally:
         numba.set_num_threads(previous[0])
         if torch is not None:
             torch.set_num_threads(previous[1])
 
 
-def _run_cases(cases, layouts, dtypes, repeat, progress):
+def _run_cases(cases, layouts, dtypes, repeat, progress, cold):
     rng = np.random.default_rng(0)
     rows = []
     total = len(cases) * len(layouts) * len(dtypes)
@@ -150,7 +172,7 @@ def _run_cases(cases, layouts, dtypes, repeat, progress):
                 x = rng.random(shape, dtype=np.float64).astype(dtype)
                 if layout == "NHWC":
                     x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
-                medians = time_side_by_side(contenders(x, groups, layout), repeat)
+                medians = time_side_by_side(contenders(x, groups, layout), repeat, cold)
                 reference = medians["nbgn in place"]
                 roofline = medians["roofline x *= a"]
                 rows.extend(
@@ -187,8 +209,10 @@ def format_table(report: dict[str, Any]) -> str:
         f"CPU: {m['cpu']}, {m['cores']} cores ({' '.join(m['vector_features'])})",
         f"Numba threading layer: {m['threading_layer']}, threads: {m['threads']}",
         f"Versions: {versions}",
-        f"Medians of {report['repeat']} interleaved repeats; ratio = time / nbgn in place; "
-        "GB/s = 2 * nbytes / time; roofline = time of x *= a / time",
+        f"Medians of {report['repeat']} interleaved repeats, "
+        + ("caches flushed before every call" if report.get("cold") else "each in steady state")
+        + "; ratio = time / nbgn in place; GB/s = 2 * nbytes / time; "
+        "roofline = time of x *= a / time",
         "",
         f"{'case':<28} {'layout':<5} {'dtype':<8} {'contender':<16} {'median':>10} "
         f"{'ratio':>7} {'GB/s':>7} {'roofline':>8}",
@@ -230,6 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="numba.set_num_threads (and PyTorch's)")
     parser.add_argument("--repeat", type=int, default=15, help="interleaved repeats (median)")
     parser.add_argument("--quick", action="store_true", help="two small shapes, 3 repeats")
+    parser.add_argument(
+        "--cold",
+        action="store_true",
+        help="flush the caches before every timed call (default: each contender's steady state)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 
@@ -244,6 +273,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         cases = QUICK_CASES if args.quick else DEFAULT_CASES
     repeat = 3 if args.quick and args.repeat == 15 else args.repeat
-    report = run(cases, args.layout, args.dtype, args.threads, repeat, progress=_progress)
+    report = run(
+        cases, args.layout, args.dtype, args.threads, repeat, progress=_progress, cold=args.cold
+    )
     print(json.dumps(report, indent=2) if args.json else format_table(report))
     return 0

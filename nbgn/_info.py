@@ -125,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     # "active" report the layer that really loads on this machine, not just the configured name.
     from .kernels import roofline
 
-    roofline.scale_inplace(np.ones(64))
+    if not _threading.serial_only():  # where a parallel launch would kill this process
+        with _threading.kernel_guard():
+            roofline.scale_flat_parallel(np.ones(64), 1.0)
     details = info()
     print(json.dumps(details, indent=2) if args.json else format_info(details))
     return 0

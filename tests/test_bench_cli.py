@@ -52,3 +52,14 @@ def test_pytorch_column_when_installed(capsys):
 def test_mismatched_groups_are_refused():
     with pytest.raises(SystemExit):
         _bench.main(["--shape", "2", "8", "4", "4", "--groups", "4", "2"])
+
+
+def test_cold_mode_flushes_and_says_so(capsys, monkeypatch):
+    monkeypatch.setattr(_bench, "FLUSH_BYTES", 2**20)  # the mechanism, not a 256 MiB sweep
+    assert _bench.main(["--shape", "2", "8", "6", "6", "--groups", "4", "--repeat", "2",
+                        "--cold", "--json"]) == 0  # fmt: skip
+    report = json.loads(capsys.readouterr().out)
+    assert report["cold"] is True
+    assert all(row["seconds"] > 0 for row in report["results"])
+    assert _bench.main(["--shape", "2", "8", "6", "6", "--groups", "4", "--repeat", "2"]) == 0
+    assert "each in steady state" in capsys.readouterr().out

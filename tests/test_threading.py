@@ -235,3 +235,31 @@ def test_a_child_forked_while_another_thread_holds_the_launch_lock_can_launch():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["0", "workqueue"]  # -14: the child deadlocked (SIGALRM)
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 or more Numba threads")
+def test_thread_count_decides_the_kernel(monkeypatch):
+    """One thread runs the serial kernel; more split the slabs into one run per thread."""
+    from nbgn.kernels import nchw
+
+    calls = []
+    for name in ("group_norm_fused", "group_norm_fused_serial"):
+        kernel = getattr(nchw, name)
+        monkeypatch.setattr(
+            nchw,
+            name,
+            lambda *args, _name=name, _kernel=kernel: (
+                calls.append((_name, args[-1])) or _kernel(*args)
+            ),
+        )
+    x = np.random.default_rng(2).standard_normal((4, 8, 64, 64)).astype(np.float32)
+    expected = reference_group_norm(x, 2)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        np.testing.assert_allclose(nbgn.group_norm(x, 2), expected, atol=2e-5)
+        numba.set_num_threads(2)
+        np.testing.assert_allclose(nbgn.group_norm(x, 2), expected, atol=2e-5)
+    finally:
+        numba.set_num_threads(before)
+    assert calls == [("group_norm_fused_serial", 1), ("group_norm_fused", 2)]

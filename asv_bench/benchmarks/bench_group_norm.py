@@ -9,7 +9,7 @@ from .common import CASES, DTYPES, LAYOUTS, THREADS, make_input, set_threads
 
 
 class GroupNorm:
-    """nbgn in place, into ``out=``, allocating; its moments and layer; the NumPy baseline."""
+    """nbgn in place, into ``out=``, allocating; its moments and layer."""
 
     params = [list(CASES), LAYOUTS, DTYPES, THREADS]
     param_names = ["case", "layout", "dtype", "threads"]
@@ -52,10 +52,22 @@ class GroupNorm:
     def time_layer(self, case, layout, dtype, threads):
         self.layer(self.x)
 
-    def time_baseline_group_norm(self, case, layout, dtype, threads):
+
+class BaselineGroupNorm:
+    """The vectorized NumPy baseline on the same inputs (single-threaded: no thread parameter)."""
+
+    params = [list(CASES), LAYOUTS, DTYPES]
+    param_names = ["case", "layout", "dtype"]
+    timeout = 300
+
+    def setup(self, case, layout, dtype):
+        self.x, self.groups, self.weight, self.bias = make_input(case, layout, dtype)
+        self.layout = layout
+
+    def time_baseline_group_norm(self, case, layout, dtype):
         nbgn.baseline.group_norm(self.x, self.groups, self.weight, self.bias, layout=self.layout)
 
-    def time_baseline_group_moments(self, case, layout, dtype, threads):
+    def time_baseline_group_moments(self, case, layout, dtype):
         nbgn.baseline.group_moments(self.x, self.groups, layout=self.layout)
 
 
