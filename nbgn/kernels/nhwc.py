@@ -292,7 +292,7 @@ def apply_row(x, out, start, width, center, scale, shift):
         target[j] = (source[j] - center[j]) * scale[j] + shift[j]
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, fastmath={"contract"})  # (x - c) * a + b as one rounding: fma
 def apply_positions(x, out, sample_start, first_position, stop_position, channels, coefficients,
                     lane_space):  # fmt: skip
     """Normalize positions ``[first_position, stop_position)`` of one sample, last rows first.
