@@ -60,8 +60,8 @@ def group_norm(
     """
     x = check_input(x)
     geometry = check_geometry(x.shape, num_groups, layout)
-    weight64 = check_affine(weight, "weight", geometry.channels, 1.0)
-    bias64 = check_affine(bias, "bias", geometry.channels, 0.0)
+    weight = check_affine(weight, "weight", geometry.channels, 1.0, x.dtype)
+    bias = check_affine(bias, "bias", geometry.channels, 0.0, x.dtype)
     eps = check_eps(eps)
     in_place = out is not None and check_out(out, x)
     if x.size == 0:
@@ -71,21 +71,21 @@ def group_norm(
     if channels_last is None:
         # No memory order fits the kernels: work on a contiguous copy, then write the result out.
         source = np.ascontiguousarray(x)
-        result = _run(source, None, geometry, geometry.channels_last, weight64, bias64, eps)
+        result = _run(source, None, geometry, geometry.channels_last, weight, bias, eps)
         if out is None:
             return result
         out[...] = result
         return out
 
     if in_place:
-        return _run(out, None, geometry, channels_last, weight64, bias64, eps)
+        return _run(out, None, geometry, channels_last, weight, bias, eps)
     if out is None:
         result = _empty_in_order(x, geometry, channels_last)
-        return _run(x, result, geometry, channels_last, weight64, bias64, eps)
+        return _run(x, result, geometry, channels_last, weight, bias, eps)
     if _kernel_order(out, geometry) is channels_last:
-        return _run(x, out, geometry, channels_last, weight64, bias64, eps)
+        return _run(x, out, geometry, channels_last, weight, bias, eps)
     out[...] = _run(x, _empty_in_order(x, geometry, channels_last), geometry, channels_last,
-                    weight64, bias64, eps)  # fmt: skip
+                    weight, bias, eps)  # fmt: skip
     return out
 
 
@@ -126,6 +126,10 @@ def group_moments(
         partial, refs = _partial_moments(flat, geometry, channels_last, parts, 0.0)
         mean, var = moments.finish_moments(partial, refs, parts)
     return mean.reshape(shape), var.reshape(shape)
+
+
+#: A zero of each input dtype: the kernels' ``sum_type`` for sums in the input's precision.
+_NATIVE_SUM_TYPES = {np.dtype(np.float32): np.float32(0), np.dtype(np.float64): np.float64(0)}
 
 
 def _kernel_order(array: np.ndarray, geometry: Geometry) -> bool | None:
@@ -176,12 +180,12 @@ def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=Fals
 
 def _run(x, out, geometry, channels_last, weight, bias, eps):
     """Normalize ``x`` into ``out`` (``None``: in place); both contiguous in the kernels' order."""
-    n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
+    n, c, s, g, _ = geometry
     source = _flat(x, geometry, channels_last)
     target = None if out is None else _flat(out, geometry, channels_last)
-    plan = _plan(geometry, channels_last)
+    plan = _schedule.plan(n, s * c) if channels_last else _schedule.plan(n * g, (c // g) * s)
     # Moments summed in the input's precision, unless eps is too small for that (see moments).
-    sum_type = source.dtype.type(0) if eps >= moments.NATIVE_MIN_EPS else 0.0
+    sum_type = _NATIVE_SUM_TYPES[source.dtype] if eps >= moments.NATIVE_MIN_EPS else 0.0
     if not plan.parallel:
         if channels_last:
             nhwc.group_norm_fused_serial(source, target, n, s, c, g, weight, bias, eps, sum_type, 1)

@@ -52,8 +52,8 @@ def group_norm(
     """Group normalization with NumPy vector operations. Same contract as :func:`nbgn.group_norm`."""
     x = check_input(x)
     geometry = check_geometry(x.shape, num_groups, layout)
-    check_affine(weight, "weight", geometry.channels, 1.0)
-    check_affine(bias, "bias", geometry.channels, 0.0)
+    check_affine(weight, "weight", geometry.channels, 1.0, x.dtype)
+    check_affine(bias, "bias", geometry.channels, 0.0, x.dtype)
     eps = check_eps(eps)
     if out is not None:
         check_out(out, x)

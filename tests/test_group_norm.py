@@ -147,7 +147,9 @@ def test_array_likes_are_accepted():
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5, 12, 9, 9), (1, 12, 100, 100)])  # serial; parallel split
+# NHWC samples of at most 1024 values take a channels-first copy, larger ones the lanes: serial
+# small, serial lanes, parallel split.
+@pytest.mark.parametrize("shape", [(5, 12, 9, 9), (3, 12, 20, 20), (1, 12, 100, 100)])
 def test_nan_or_inf_poisons_only_its_group(rng, layout, dtype, shape):
     x = make_input(shape, layout, dtype, rng)
     cf = to_channels_first(x, layout)  # a view: writes go to x
@@ -183,14 +185,16 @@ def test_nan_or_inf_poisons_only_its_group(rng, layout, dtype, shape):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("value", [0.0, 3.25, -1e8])
-def test_constant_group_gives_exactly_bias(rng, value, dtype, layout, eps):
-    x = make_input((3, 6, 7, 5), layout, dtype, rng)
+@pytest.mark.parametrize("shape", [(3, 6, 7, 5), (3, 6, 40, 30), (2, 6, 100, 90)])
+def test_constant_group_gives_exactly_bias(rng, value, dtype, layout, eps, shape):
+    x = make_input(shape, layout, dtype, rng)
     cf = to_channels_first(x, layout)
     cf[1, 2:4] = value  # sample 1, group 1 of 3
     bias = rng.standard_normal(6).astype(dtype)
     weight = rng.standard_normal(6).astype(dtype)
     result = to_channels_first(nbgn.group_norm(x, 3, weight, bias, eps=eps, layout=layout), layout)
-    np.testing.assert_array_equal(result[1, 2:4], np.broadcast_to(bias[2:4, None, None], (2, 7, 5)))
+    expected = np.broadcast_to(bias[2:4, None, None], (2, *shape[2:]))
+    np.testing.assert_array_equal(result[1, 2:4], expected)
     plain = to_channels_first(nbgn.group_norm(x, 3, eps=eps, layout=layout), layout)
     np.testing.assert_array_equal(plain[1, 2:4], 0.0)
     assert np.isfinite(result).all()

@@ -71,7 +71,7 @@ def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight
     ----------
     x : float32 or float64 array, shape (N * C * spatial,), C-contiguous
     out : array like ``x``, or None to normalize ``x`` in place
-    weight, bias : float64 arrays, shape (C,)
+    weight, bias : arrays of x's dtype, shape (C,)
     sum_type : float32 or float64 scalar
         A zero of the type the moments are summed in (see ``moments``); Numba compiles one kernel
         per type.

@@ -32,9 +32,14 @@ from .moments import (
     part_bounds,
     pivot_stands,
 )
+from .nchw import normalize_slabs
 
 #: Lanes per row to aim for: enough for several 512-bit vectors when there are few channels.
 MIN_LANES = 256
+
+#: Samples of at most this many values go through a channels-first copy (``normalize_small_samples``):
+#: the lanes' fixed cost per sample, about a microsecond, is more than such a sample's whole work.
+SMALL_SAMPLE = 1024
 
 #: Sweeps (of four rows) per block: each lane adds 32 sums of four values before the flush to
 #: float64, about as precise as ``moments.BLOCK``; the flush (~4 operations a lane) costs ~3%.
@@ -347,12 +352,37 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
 
 
 @numba.njit(cache=True)
+def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
+                            weight, bias, eps, sum_type):  # fmt: skip
+    """``normalize_samples`` for samples of at most ``SMALL_SAMPLE`` values: each is copied
+    channels first, normalized there by ``nchw.normalize_slabs``, and copied back."""
+    sample_length = spatial * channels
+    channels_first = np.empty(sample_length, x.dtype)
+    for n in range(first_sample, stop_sample):
+        sample_start = n * sample_length
+        source = x[sample_start : sample_start + sample_length]
+        for p in range(spatial):
+            for c in range(channels):
+                channels_first[c * spatial + p] = source[p * channels + c]
+        normalize_slabs(channels_first, None, 0, num_groups, channels, spatial, num_groups,
+                        weight, bias, eps, sum_type)  # fmt: skip
+        target = destination(source, out, sample_start, sample_start + sample_length)
+        for p in range(spatial):
+            for c in range(channels):
+                target[p * channels + c] = channels_first[c * spatial + p]
+
+
+@numba.njit(cache=True)
 def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups, weight,
                       bias, eps, sum_type):  # fmt: skip
     """Normalize samples ``[first_sample, stop_sample)`` one after the other: each sample's moments,
     then its normalization while it is still in cache. Arguments as for ``_group_norm_fused``."""
     channels_per_group = channels // num_groups
     sample_length = spatial * channels
+    if sample_length <= SMALL_SAMPLE:
+        normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
+                                weight, bias, eps, sum_type)  # fmt: skip
+        return
     lane_space, wide, lane_group = lane_scratch(spatial, channels, num_groups, sum_type)
     stats = np.empty((num_groups, 3))
     coefficients = np.empty((channels, 3), x.dtype)
@@ -382,7 +412,7 @@ def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight
     ----------
     x : float32 or float64 array, shape (N * spatial * C,), C-contiguous
     out : array like ``x``, or None to normalize ``x`` in place
-    weight, bias : float64 arrays, shape (C,)
+    weight, bias : arrays of x's dtype, shape (C,)
     sum_type : float32 or float64 scalar
         A zero of the type the moments are summed in (see ``moments``); Numba compiles one kernel
         per type.
