@@ -118,13 +118,12 @@ def group_moments(
     flat = _flat(x, geometry, channels_last)
     parallel, parts, _ = _plan(geometry, channels_last)
     # The moments a caller asks for are summed in float64 throughout: exact to float64 rounding.
-    if not parallel:
-        partial, refs = _partial_moments(flat, geometry, channels_last, 1, 0.0, serial=True)
-        mean, var = moments.finish_moments_serial(partial, refs, 1)
-        return mean.reshape(shape), var.reshape(shape)
-    with _threading.kernel_guard():
-        partial, refs = _partial_moments(flat, geometry, channels_last, parts, 0.0)
-        mean, var = moments.finish_moments(partial, refs, parts)
+    if parallel:
+        with _threading.kernel_guard():
+            partial, refs = _partial_moments(flat, geometry, channels_last, parts, 0.0)
+    else:
+        partial, refs = _partial_moments(flat, geometry, channels_last, parts, 0.0, serial=True)
+    mean, var = moments.finish_moments(partial, refs, parts)
     return mean.reshape(shape), var.reshape(shape)
 
 

@@ -3,17 +3,19 @@
 The algorithm (one read of the input):
 
 1. The input is consumed in *blocks* of up to ``BLOCK`` values. A block subtracts a *pivot* and
-   accumulates the shifted sums ``s1 = sum(x - pivot)`` and ``s2 = sum((x - pivot)**2)``. The pivot
-   is a value of the data within two standard deviations of the block's mean (checked, see 2), so
+   accumulates the shifted sums ``s1 = sum(x - pivot)`` and ``s2 = sum((x - pivot)**2)``. The first
+   pivot comes from the data (its first value; for NHWC each group's mean at the first position)
+   and stays while it lies within two standard deviations of each block's mean (checked, see 2), so
    the shifted values are of the order of the spread, not of the mean: ``m2 = s2 - s1**2 / n``
    cancels nothing even when the mean is 1e8 standard deviations from zero.
 2. The sums run in the input's precision (*native* sums): in float32, twice the SIMD lanes of
-   float64, which is what makes a cache-resident group norm fast. That stays accurate because every term is
-   of the order of the spread and each SIMD lane adds up only ``BLOCK / lanes`` of them before the
-   block's sums are flushed to float64. Two checks guard the assumption, so hostile data costs a
-   redo, never accuracy: a pivot further than ``REPIVOT`` standard deviations from the block's mean
-   (an outlier as first value, a jump in the data) redoes the block about its mean, and a
-   non-finite ``s2`` (float32 overflow, or NaN/Inf in the data) redoes it in float64.
+   float64, which is what makes a cache-resident group norm fast. That stays accurate because every
+   term is of the order of the spread and each SIMD lane adds up only ``BLOCK / lanes`` of them
+   before the block's sums are flushed to float64. Two checks guard the assumption, so hostile data
+   costs a redo, never accuracy: a pivot further than ``sqrt(REPIVOT)`` standard deviations from the
+   block's mean (an outlier as first value, a jump in the data) makes the block be summed again
+   about its mean, which becomes the pivot; and a non-finite ``s2`` (float32 overflow, or NaN/Inf in
+   the data) makes it be summed again in float64.
    The kernels take ``sum_type``, a zero of the type to sum in, and Numba compiles one kernel per
    type: float64 for ``group_moments`` and for ``eps`` below ``NATIVE_MIN_EPS`` (where float32
    underflow of tiny spreads would matter), the input's dtype otherwise.
@@ -40,8 +42,6 @@ import numpy as np
 from numba.core import types
 from numba.extending import overload
 from numba.np.numpy_support import as_dtype
-
-from ._compile import parallel_and_serial
 
 #: Values per block. A vectorized float32 reduction keeps 32 to 64 partial sums (SIMD lanes times
 #: unrolling), so each adds at most 64 terms before the flush to float64: a relative error of at
@@ -254,13 +254,17 @@ def chunk_bounds(num_items, num_chunks, chunk):
     return num_items * chunk // num_chunks, num_items * (chunk + 1) // num_chunks
 
 
-def _finish_moments(partial, refs, num_parts):
-    """Merge per-part moments and return float64 ``(mean, var)`` per group, shape ``(groups,)``."""
+@numba.njit(cache=True)
+def finish_moments(partial, refs, num_parts):
+    """Merge per-part moments and return float64 ``(mean, var)`` per group, shape ``(groups,)``.
+
+    Serial: a few dozen flops per (sample, group), less than a parallel launch costs.
+    """
     num_rows = refs.shape[0]
     mean = np.empty(num_rows)
     var = np.empty(num_rows)
     stats = np.zeros((num_rows, 3))
-    for row in numba.prange(num_rows):
+    for row in range(num_rows):
         merge_parts(partial, row * num_parts, num_parts, stats, row)
         mean_hi, mean_lo, group_var, _ = finalize_group(
             refs[row], stats[row, COUNT], stats[row, OFFSET], stats[row, M2], 0.0
@@ -268,9 +272,6 @@ def _finish_moments(partial, refs, num_parts):
         mean[row] = mean_hi + mean_lo
         var[row] = group_var
     return mean, var
-
-
-finish_moments, finish_moments_serial = parallel_and_serial(_finish_moments)
 
 
 @numba.njit(cache=True)

@@ -8,7 +8,7 @@ loop has no runtime alias check between input and output.
 Parallel loops only call functions compiled on their own (``normalize_slabs``, ``part_moments``,
 ``apply_part``): the same code inlined into a ``prange`` body ran at half the speed.
 
-Bytes moved per element (``b`` = itemsize): ``fused`` reads the slab once for the moments and
+Bytes moved per element (``b`` = itemsize): ``normalize_slabs`` reads a slab once for the moments and
 normalizes it while it is still in L2, so it moves ``2b`` to and from memory when the slab fits in L2
 and up to ``3b`` when it does not (reversed normalization keeps what the caches hold useful).
 """
