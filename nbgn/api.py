@@ -182,7 +182,7 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
     n, c, s, g, _ = geometry
     source = _flat(x, geometry, channels_last)
     target = None if out is None else _flat(out, geometry, channels_last)
-    plan = _schedule.plan(n, s * c) if channels_last else _schedule.plan(n * g, (c // g) * s)
+    plan = _plan(geometry, channels_last)
     # Moments summed in the input's precision, unless eps is too small for that (see moments).
     sum_type = _NATIVE_SUM_TYPES[source.dtype] if eps >= moments.NATIVE_MIN_EPS else 0.0
     if not plan.parallel:

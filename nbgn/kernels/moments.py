@@ -195,6 +195,21 @@ def fold_channel(mean_hi, mean_lo, rstd, weight, bias, like):
     return center, cast_like(scale, like), cast_like(bias - residual * scale, like)
 
 
+@numba.njit(inline="always")
+def fold_group(coefficients, first_row, first_channel, channels_per_group, mean_hi, mean_lo, rstd,
+               weight, bias):  # fmt: skip
+    """Write ``fold_channel`` of a group's channels ``first_channel, ...`` into rows
+    ``first_row, ...`` of ``coefficients`` (``(center, scale, shift)`` per row, its dtype)."""
+    for k in range(channels_per_group):
+        channel = first_channel + k
+        center, scale, shift = fold_channel(
+            mean_hi, mean_lo, rstd, weight[channel], bias[channel], coefficients
+        )
+        coefficients[first_row + k, 0] = center
+        coefficients[first_row + k, 1] = scale
+        coefficients[first_row + k, 2] = shift
+
+
 def destination(source, out, start, stop):
     """Where normalized ``source`` (``x[start:stop]``) goes: itself if ``out`` is None, else
     ``out[start:stop]``. Chosen when Numba compiles, from ``out``'s type (see ``_destination``)."""
@@ -292,13 +307,6 @@ def channel_coefficients(partial, refs, num_parts, channels, num_groups, weight,
             refs[row], stats[row, COUNT], stats[row, OFFSET], stats[row, M2], eps
         )
         first_channel = (row % num_groups) * channels_per_group
-        for k in range(channels_per_group):
-            channel = first_channel + k
-            coefficient_row = row * channels_per_group + k
-            center, scale, shift = fold_channel(
-                mean_hi, mean_lo, rstd, weight[channel], bias[channel], like
-            )
-            coefficients[coefficient_row, 0] = center
-            coefficients[coefficient_row, 1] = scale
-            coefficients[coefficient_row, 2] = shift
+        fold_group(coefficients, row * channels_per_group, first_channel, channels_per_group,
+                   mean_hi, mean_lo, rstd, weight, bias)  # fmt: skip
     return coefficients

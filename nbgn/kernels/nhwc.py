@@ -27,7 +27,7 @@ from .moments import (
     chunk_bounds,
     destination,
     finalize_group,
-    fold_channel,
+    fold_group,
     merge_shifted_sums,
     part_bounds,
     pivot_stands,
@@ -396,11 +396,9 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
             mean_hi, mean_lo, _, rstd = finalize_group(
                 ref, stats[g, 0], stats[g, 1], stats[g, 2], eps
             )
-            for c in range(g * channels_per_group, (g + 1) * channels_per_group):
-                center, scale, shift = fold_channel(mean_hi, mean_lo, rstd, weight[c], bias[c], x)
-                coefficients[c, 0] = center
-                coefficients[c, 1] = scale
-                coefficients[c, 2] = shift
+            first_channel = g * channels_per_group
+            fold_group(coefficients, first_channel, first_channel, channels_per_group, mean_hi,
+                       mean_lo, rstd, weight, bias)  # fmt: skip
         apply_positions(x, out, sample_start, 0, spatial, channels, coefficients, lane_space)
 
 
