@@ -253,6 +253,49 @@ def apply_reversed(x, out, start, stop, center, scale, shift):
 
 
 @numba.njit(inline="always")
+def uniform_rows(coefficients, first_row, num_rows):
+    """Whether rows ``first_row, ...`` of ``coefficients`` share one scale and shift."""
+    scale = coefficients[first_row, 1]
+    shift = coefficients[first_row, 2]
+    for row in range(first_row + 1, first_row + num_rows):
+        if coefficients[row, 1] != scale or coefficients[row, 2] != shift:
+            return False
+    return True
+
+
+@numba.njit(inline="always")
+def apply_channels(x, out, start, spatial, coefficients, first_row, num_rows):
+    """Normalize ``num_rows`` consecutive channels of ``spatial`` values from flat ``start``, with
+    coefficient rows ``first_row, ...``; the last channel first (see ``apply_reversed``).
+
+    Channels that share their coefficients (a group's without affine parameters) are one segment.
+    Otherwise each channel is a row of a 2-D view: with channels of a few dozen values the
+    per-channel overhead is half the cost, and that is the cheapest loop Numba makes. (Merging
+    runs of equal rows inside that loop stopped LLVM vectorizing it.)
+    """
+    if uniform_rows(coefficients, first_row, num_rows):
+        apply_reversed(x, out, start, start + num_rows * spatial, coefficients[first_row, 0],
+                       coefficients[first_row, 1], coefficients[first_row, 2])  # fmt: skip
+        return
+    if spatial > APPLY_CHUNK:
+        for row in range(first_row + num_rows - 1, first_row - 1, -1):
+            row_start = start + (row - first_row) * spatial
+            apply_reversed(x, out, row_start, row_start + spatial, coefficients[row, 0],
+                           coefficients[row, 1], coefficients[row, 2])  # fmt: skip
+        return
+    rows = x[start : start + num_rows * spatial].reshape((num_rows, spatial))
+    for row in range(num_rows - 1, -1, -1):
+        center = coefficients[first_row + row, 0]
+        scale = coefficients[first_row + row, 1]
+        shift = coefficients[first_row + row, 2]
+        source = rows[row]
+        row_start = start + row * spatial
+        target = destination(source, out, row_start, row_start + spatial)
+        for i in range(spatial):
+            target[i] = (source[i] - center) * scale + shift
+
+
+@numba.njit(inline="always")
 def part_bounds(length, num_parts, part):
     """``[start, stop)`` of part ``part`` of ``num_parts`` near-equal parts of ``range(length)``.
 

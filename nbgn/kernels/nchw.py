@@ -18,11 +18,12 @@ import numpy as np
 
 from ._compile import parallel_and_serial
 from .moments import (
+    apply_channels,
     apply_reversed,
     chunk_bounds,
     contiguous_moments,
     finalize_group,
-    fold_channel,
+    fold_group,
     part_bounds,
 )
 
@@ -35,32 +36,16 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
     stats = np.empty((1, 3))
+    coefficients = np.empty((channels_per_group, 3), x.dtype)
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
         ref = np.float64(x[slab_start])
         stats[0] = 0.0
         contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, 0, sum_type)
         mean_hi, mean_lo, _, rstd = finalize_group(ref, stats[0, 0], stats[0, 1], stats[0, 2], eps)
-        first_channel = (slab % num_groups) * channels_per_group
-        # Runs of channels with the same weight and bias (all of them without affine parameters)
-        # are one contiguous segment: one loop instead of one per channel, which matters when a
-        # channel is a few dozen values.
-        run_stop = channels_per_group
-        while run_stop > 0:
-            channel = first_channel + run_stop - 1
-            run_start = run_stop - 1
-            while (
-                run_start > 0
-                and weight[first_channel + run_start - 1] == weight[channel]
-                and bias[first_channel + run_start - 1] == bias[channel]
-            ):
-                run_start -= 1
-            center, scale, shift = fold_channel(
-                mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
-            )
-            apply_reversed(x, out, slab_start + run_start * spatial,
-                           slab_start + run_stop * spatial, center, scale, shift)  # fmt: skip
-            run_stop = run_start
+        fold_group(coefficients, 0, (slab % num_groups) * channels_per_group, channels_per_group,
+                   mean_hi, mean_lo, rstd, weight, bias)  # fmt: skip
+        apply_channels(x, out, slab_start, spatial, coefficients, 0, channels_per_group)
 
 
 def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
