@@ -191,22 +191,14 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
         else:
             nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, sum_type, 1)
         return x if out is None else out
+    # One unit per thread (fused), or units split into parts when they are fewer (see _schedule).
+    if channels_last:
+        kernel = nhwc.group_norm_fused if plan.parts == 1 else nhwc.group_norm_split
+        dims = (n, s, c, g)
+    else:
+        kernel = nchw.group_norm_fused if plan.parts == 1 else nchw.group_norm_split
+        dims = (n, c, s, g)
     with _threading.kernel_guard():
-        if plan.parts == 1 and channels_last:
-            nhwc.group_norm_fused(
-                source, target, n, s, c, g, weight, bias, eps, sum_type, plan.chunks
-            )
-        elif plan.parts == 1:
-            nchw.group_norm_fused(
-                source, target, n, c, s, g, weight, bias, eps, sum_type, plan.chunks
-            )
-        else:
-            partial, refs = _partial_moments(source, geometry, channels_last, plan.parts, sum_type)
-            coefficients = moments.channel_coefficients(
-                partial, refs, plan.parts, c, g, weight, bias, eps, source
-            )
-            if channels_last:
-                nhwc.apply_parts(source, target, coefficients, s, c, plan.parts)
-            else:
-                nchw.apply_parts(source, target, coefficients, s, (c // g) * s, plan.parts)
+        kernel(source, target, *dims, weight, bias, eps, sum_type,
+               plan.chunks if plan.parts == 1 else plan.parts)  # fmt: skip
     return x if out is None else out

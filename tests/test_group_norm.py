@@ -49,7 +49,7 @@ def test_matches_reference(rng, shape, dtype, layout, affine, eps, mode):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
     ("shape", "groups"),
-    [((6, 16, 48, 48), 4), ((1, 8, 96, 96), 1), ((3, 6, 64, 64), 3), ((1, 2048, 7, 7), 32)],
+    [((6, 16, 48, 48), 4), ((1, 16, 128, 128), 1), ((3, 6, 64, 64), 3), ((1, 2048, 7, 7), 32)],
 )
 def test_parallel_paths_match_reference(rng, shape, groups, dtype, layout):
     """Large enough for the parallel kernels: fused, and split across threads (few units)."""
@@ -61,6 +61,21 @@ def test_parallel_paths_match_reference(rng, shape, groups, dtype, layout):
     )
     nbgn.group_norm(x, groups, weight, bias, layout=layout, out=x)
     np.testing.assert_allclose(x, expected, atol=tolerance(dtype))
+
+
+@pytest.mark.parametrize(
+    ("units", "unit_elements", "expected"),
+    [
+        (1, 16 * 128 * 128, _schedule.Plan(True, 2, 1)),  # one big group: split in two
+        (1, 4 * 128 * 128, _schedule.SERIAL),  # one group too small to split: no launch
+        (3, 6 * 64 * 64, _schedule.Plan(True, 1, 2)),  # parts would be under MIN_PART_ELEMENTS
+        (3, 1 << 18, _schedule.Plan(True, 2, 2)),  # 3 units on 2 threads: halves even it out
+        (32, 64 * 49, _schedule.Plan(True, 1, 2)),  # many units: one run of them per thread
+    ],
+)
+def test_two_thread_plans(units, unit_elements, expected):
+    """The shapes above take the paths their comments say (the plan for 2 threads)."""
+    assert _schedule._parallel_plan(units, unit_elements, 2) == expected
 
 
 @pytest.mark.parametrize("parts", [2, 3, 5])
@@ -149,7 +164,7 @@ def test_array_likes_are_accepted():
 @pytest.mark.parametrize("dtype", DTYPES)
 # NHWC samples of at most 1024 values take a channels-first copy, larger ones the lanes: serial
 # small, serial lanes, parallel split.
-@pytest.mark.parametrize("shape", [(5, 12, 9, 9), (3, 12, 20, 20), (1, 12, 100, 100)])
+@pytest.mark.parametrize("shape", [(5, 12, 9, 9), (3, 12, 20, 20), (1, 12, 160, 160)])
 def test_nan_or_inf_poisons_only_its_group(rng, layout, dtype, shape):
     x = make_input(shape, layout, dtype, rng)
     cf = to_channels_first(x, layout)  # a view: writes go to x

@@ -117,9 +117,12 @@ def merge_shifted_sums(stats, row, count, s1, s2, pivot, ref):
 @numba.njit(inline="always")
 def pivot_stands(count, s1, s2):
     """False if the pivot lies more than ``sqrt(REPIVOT)`` standard deviations from the block's
-    mean (float64 sums). NaN or Inf sums stand: the finiteness check deals with them."""
-    mean_shift = s1 / count
-    return not mean_shift * mean_shift > REPIVOT * (s2 / count - mean_shift * mean_shift)
+    mean (float64 sums). NaN or Inf sums stand: the finiteness check deals with them.
+
+    ``mean**2 > REPIVOT * (s2 / count - mean**2)`` with ``mean = s1 / count``, times ``count**2``:
+    no division on the per-block path.
+    """
+    return not s1 * s1 > REPIVOT * (s2 * count - s1 * s1)
 
 
 @numba.njit(inline="always")
@@ -136,6 +139,12 @@ def contiguous_moments(flat, start, stop, ref, stats, row, sum_type):
     block_start = start
     in_float64 = False
     repivoted = False
+    # Blocks about one pivot add their float64 sums; a Chan merge (divisions) happens only when
+    # the pivot moves and at the end. The error bound is the per-block one: every block's s2 is
+    # at most (1 + REPIVOT) times its m2, so the run's s2 is too.
+    run_count = 0
+    run_s1 = 0.0
+    run_s2 = 0.0
     while block_start < stop:
         block_stop = min(block_start + BLOCK, stop)
         count = block_stop - block_start
@@ -147,15 +156,24 @@ def contiguous_moments(flat, start, stop, ref, stats, row, sum_type):
             typed_s1, typed_s2 = shifted_sums(block, pivot)
             s1, s2 = np.float64(typed_s1), np.float64(typed_s2)
         if not repivoted and not pivot_stands(count, s1, s2):
+            if run_count > 0:
+                merge_shifted_sums(stats, row, run_count, run_s1, run_s2, pivot64, ref)
+                run_count = 0
+                run_s1 = 0.0
+                run_s2 = 0.0
             pivot = cast_like(pivot64 + s1 / count, sum_type)
             repivoted = True
         elif not in_float64 and not np.isfinite(s2):
             in_float64 = True
         else:
-            merge_shifted_sums(stats, row, count, s1, s2, pivot64, ref)
+            run_count += count
+            run_s1 += s1
+            run_s2 += s2
             block_start = block_stop
             repivoted = False
             in_float64 = False
+    if run_count > 0:
+        merge_shifted_sums(stats, row, run_count, run_s1, run_s2, np.float64(pivot), ref)
 
 
 @numba.njit(inline="always")
@@ -332,24 +350,21 @@ def finish_moments(partial, refs, num_parts):
     return mean, var
 
 
-@numba.njit(cache=True)
-def channel_coefficients(partial, refs, num_parts, channels, num_groups, weight, bias, eps, like):
-    """Per-channel ``(center, scale, shift)`` rows, shape ``(N * C, 3)``, in ``like``'s dtype.
+@numba.njit(inline="always")
+def merged_group_coefficients(partial, refs, num_parts, row, num_groups, channels_per_group, weight,
+                              bias, eps, stats, coefficients, first_row):  # fmt: skip
+    """Merge the ``num_parts`` moments of (sample, group) row ``row`` of ``refs`` and write its
+    channels' ``(center, scale, shift)`` into ``coefficients[first_row:]`` (see ``fold_group``).
 
-    ``partial`` holds ``num_parts`` consecutive rows of moments per (sample, group) row of ``refs``.
-    Serial: it runs only when there are fewer (sample, group) rows than a thread's fair share of
-    work, and a parallel launch would cost more than it does.
+    ``partial`` holds ``num_parts`` consecutive rows of moments per row of ``refs``; ``stats`` is
+    a ``(1, 3)`` float64 scratch. Every part of a split group computes this for itself: a few
+    flops per channel, cheaper than a serial pass between the two parallel ones.
     """
-    num_rows = refs.shape[0]
-    channels_per_group = channels // num_groups
-    coefficients = np.empty((num_rows * channels_per_group, 3), like.dtype)
-    stats = np.zeros((num_rows, 3))
-    for row in range(num_rows):
-        merge_parts(partial, row * num_parts, num_parts, stats, row)
-        mean_hi, mean_lo, _, rstd = finalize_group(
-            refs[row], stats[row, COUNT], stats[row, OFFSET], stats[row, M2], eps
-        )
-        first_channel = (row % num_groups) * channels_per_group
-        fold_group(coefficients, row * channels_per_group, first_channel, channels_per_group,
-                   mean_hi, mean_lo, rstd, weight, bias)  # fmt: skip
-    return coefficients
+    stats[0] = 0.0
+    merge_parts(partial, row * num_parts, num_parts, stats, 0)
+    mean_hi, mean_lo, _, rstd = finalize_group(
+        refs[row], stats[0, COUNT], stats[0, OFFSET], stats[0, M2], eps
+    )
+    first_channel = (row % num_groups) * channels_per_group
+    fold_group(coefficients, first_row, first_channel, channels_per_group, mean_hi, mean_lo, rstd,
+               weight, bias)  # fmt: skip

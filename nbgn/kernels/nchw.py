@@ -24,6 +24,7 @@ from .moments import (
     contiguous_moments,
     finalize_group,
     fold_group,
+    merged_group_coefficients,
     part_bounds,
 )
 
@@ -79,7 +80,23 @@ def part_moments(x, slab_length, num_parts, item, ref, partial, sum_type):
     ``partial[item]``."""
     slab_start = (item // num_parts) * slab_length
     start, stop = part_bounds(slab_length, num_parts, item % num_parts)
+    partial[item] = 0.0
     contiguous_moments(x, slab_start + start, slab_start + stop, ref, partial, item, sum_type)
+
+
+@numba.njit(cache=True)
+def split_scratch(x, num_slabs, slab_length, num_parts):
+    """``partial`` (uninitialized) and ``refs`` (each slab's first element) for ``num_parts``
+    pieces of each of ``num_slabs`` slabs; see ``_partial_moments``.
+
+    Compiled on its own: inside a parallel function, ``np.zeros`` or a row copy would each be a
+    parallel loop of their own, another launch.
+    """
+    partial = np.empty((num_slabs * num_parts, 3))
+    refs = np.empty(num_slabs)
+    for slab in range(num_slabs):
+        refs[slab] = x[slab * slab_length]
+    return partial, refs
 
 
 def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts, sum_type):
@@ -93,12 +110,8 @@ def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts, s
         The slab's first element, the reference of its offsets.
     """
     slab_length = (channels // num_groups) * spatial
-    num_slabs = num_samples * num_groups
-    partial = np.zeros((num_slabs * num_parts, 3))
-    refs = np.empty(num_slabs)
-    for slab in range(num_slabs):
-        refs[slab] = x[slab * slab_length]
-    for item in numba.prange(num_slabs * num_parts):
+    partial, refs = split_scratch(x, num_samples * num_groups, slab_length, num_parts)
+    for item in numba.prange(num_samples * num_groups * num_parts):
         part_moments(x, slab_length, num_parts, item, refs[item // num_parts], partial, sum_type)
     return partial, refs
 
@@ -107,34 +120,40 @@ partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 
 
 @numba.njit(cache=True)
-def apply_part(x, out, coefficients, spatial, slab_length, num_parts, item):
-    """Normalize part ``item % num_parts`` of slab ``item // num_parts`` with per-channel
-    coefficients, last channel first (see ``apply_reversed``)."""
-    slab_start = (item // num_parts) * slab_length
+def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, item, weight, bias,
+               eps):  # fmt: skip
+    """Normalize part ``item % num_parts`` of slab ``item // num_parts``, last channel first (see
+    ``apply_reversed``), with the slab's moments merged from ``partial``."""
+    slab = item // num_parts
+    channels_per_group = channels // num_groups
+    slab_length = channels_per_group * spatial
+    coefficients = np.empty((channels_per_group, 3), x.dtype)
+    merged_group_coefficients(partial, refs, num_parts, slab, num_groups, channels_per_group,
+                              weight, bias, eps, np.empty((1, 3)), coefficients, 0)  # fmt: skip
+    slab_start = slab * slab_length
     start, stop = part_bounds(slab_length, num_parts, item % num_parts)
-    segment_stop = slab_start + stop
-    while segment_stop > slab_start + start:
+    segment_stop = stop
+    while segment_stop > start:
         row = (segment_stop - 1) // spatial
-        segment_start = max(slab_start + start, row * spatial)
-        apply_reversed(
-            x,
-            out,
-            segment_start,
-            segment_stop,
-            coefficients[row, 0],
-            coefficients[row, 1],
-            coefficients[row, 2],
-        )
+        segment_start = max(start, row * spatial)
+        apply_reversed(x, out, slab_start + segment_start, slab_start + segment_stop,
+                       coefficients[row, 0], coefficients[row, 1], coefficients[row, 2])  # fmt: skip
         segment_stop = segment_start
 
 
-@numba.njit(cache=True, parallel=True)
-def apply_parts(x, out, coefficients, spatial, slab_length, num_parts):
-    """Normalize ``num_parts`` pieces of every slab in parallel, with per-channel coefficients.
+def _group_norm_split(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
+                      sum_type, num_parts):  # fmt: skip
+    """Normalize every slab in ``num_parts`` pieces: the pieces' moments in one parallel loop,
+    then each piece, with its slab's merged moments, in a second one. For slabs fewer than
+    threads; arguments as for ``_group_norm_fused``. One call, two launches."""
+    slab_length = (channels // num_groups) * spatial
+    partial, refs = split_scratch(x, num_samples * num_groups, slab_length, num_parts)
+    num_items = num_samples * num_groups * num_parts
+    for item in numba.prange(num_items):
+        part_moments(x, slab_length, num_parts, item, refs[item // num_parts], partial, sum_type)
+    for item in numba.prange(num_items):
+        apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, item, weight,
+                   bias, eps)  # fmt: skip
 
-    ``coefficients`` has one ``(center, scale, shift)`` row per (sample, channel); the flat index
-    ``i`` belongs to row ``i // spatial``.
-    """
-    num_slabs = x.shape[0] // slab_length
-    for item in numba.prange(num_slabs * num_parts):
-        apply_part(x, out, coefficients, spatial, slab_length, num_parts, item)
+
+group_norm_split = numba.njit(cache=True, parallel=True)(_group_norm_split)

@@ -29,6 +29,7 @@ from .moments import (
     finalize_group,
     fold_group,
     merge_shifted_sums,
+    merged_group_coefficients,
     part_bounds,
     pivot_stands,
 )
@@ -427,14 +428,33 @@ group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fuse
 
 
 @numba.njit(cache=True)
-def part_moments(x, spatial, channels, num_groups, num_parts, item, by_part, sum_type):
-    """Merge the moments of position range ``item % num_parts`` of sample ``item // num_parts``
-    into ``by_part[item]``."""
-    start, stop = part_bounds(spatial, num_parts, item % num_parts)
-    sample_start = (item // num_parts) * spatial * channels
+def part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum_type):
+    """Moments of position range ``item % num_parts`` of sample ``item // num_parts``, group by
+    group, into rows ``(n * num_groups + g) * num_parts + item % num_parts`` of ``partial``."""
+    n = item // num_parts
+    part = item % num_parts
+    start, stop = part_bounds(spatial, num_parts, part)
     lane_space, wide, lane_group = lane_scratch(stop - start, channels, num_groups, sum_type)
-    sample_moments(x, sample_start, start, stop, channels, num_groups, by_part[item], lane_space,
-                   wide, lane_group)  # fmt: skip
+    stats = np.zeros((num_groups, 3))
+    sample_moments(x, n * spatial * channels, start, stop, channels, num_groups, stats,
+                   lane_space, wide, lane_group)  # fmt: skip
+    for g in range(num_groups):
+        for k in range(3):
+            partial[(n * num_groups + g) * num_parts + part, k] = stats[g, k]
+
+
+@numba.njit(cache=True)
+def split_scratch(x, num_samples, spatial, channels, num_groups, num_parts):
+    """``partial`` (filled by ``part_moments``) and ``refs`` (each group's first value in its
+    sample); see ``_partial_moments``. Compiled on its own: in a parallel function ``np.zeros``
+    would be a parallel loop of its own, another launch."""
+    channels_per_group = channels // num_groups
+    partial = np.empty((num_samples * num_groups * num_parts, 3))
+    refs = np.empty(num_samples * num_groups)
+    for n in range(num_samples):
+        for g in range(num_groups):
+            refs[n * num_groups + g] = x[n * spatial * channels + g * channels_per_group]
+    return partial, refs
 
 
 def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, sum_type):
@@ -447,18 +467,9 @@ def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, s
     refs : float64 array, shape (N * num_groups,)
         Each group's first value in its sample, the reference of its offsets.
     """
-    channels_per_group = channels // num_groups
-    sample_length = spatial * channels
-    by_part = np.zeros((num_samples * num_parts, num_groups, 3))
+    partial, refs = split_scratch(x, num_samples, spatial, channels, num_groups, num_parts)
     for item in numba.prange(num_samples * num_parts):
-        part_moments(x, spatial, channels, num_groups, num_parts, item, by_part, sum_type)
-    partial = np.empty((num_samples * num_groups * num_parts, 3))
-    refs = np.empty(num_samples * num_groups)
-    for n in range(num_samples):
-        for g in range(num_groups):
-            refs[n * num_groups + g] = x[n * sample_length + g * channels_per_group]
-            for p in range(num_parts):
-                partial[(n * num_groups + g) * num_parts + p] = by_part[n * num_parts + p, g]
+        part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum_type)
     return partial, refs
 
 
@@ -466,21 +477,35 @@ partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 
 
 @numba.njit(cache=True)
-def apply_part(x, out, coefficients, spatial, channels, num_parts, item):
-    """Normalize position range ``item % num_parts`` of sample ``item // num_parts``."""
+def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight, bias,
+               eps):  # fmt: skip
+    """Normalize position range ``item % num_parts`` of sample ``item // num_parts``, with the
+    sample's moments merged from ``partial``."""
     n = item // num_parts
+    channels_per_group = channels // num_groups
+    coefficients = np.empty((channels, 3), x.dtype)
+    stats = np.empty((1, 3))
+    for g in range(num_groups):
+        merged_group_coefficients(partial, refs, num_parts, n * num_groups + g, num_groups,
+                                  channels_per_group, weight, bias, eps, stats, coefficients,
+                                  g * channels_per_group)  # fmt: skip
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
     lane_space = np.empty(3 * lane_positions(channels, stop - start) * channels, x.dtype)
-    apply_positions(x, out, n * spatial * channels, start, stop, channels,
-                    coefficients[n * channels : (n + 1) * channels], lane_space)  # fmt: skip
+    apply_positions(x, out, n * spatial * channels, start, stop, channels, coefficients,
+                    lane_space)  # fmt: skip
 
 
-@numba.njit(cache=True, parallel=True)
-def apply_parts(x, out, coefficients, spatial, channels, num_parts):
-    """Normalize ``num_parts`` position ranges of every sample in parallel.
-
-    ``coefficients`` has one ``(center, scale, shift)`` row per (sample, channel).
-    """
-    num_samples = x.shape[0] // (spatial * channels)
+def _group_norm_split(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
+                      sum_type, num_parts):  # fmt: skip
+    """Normalize every sample in ``num_parts`` position ranges: the ranges' moments in one
+    parallel loop, then each range, with its sample's merged moments, in a second one. For
+    samples fewer than threads; arguments as for ``_group_norm_fused``. One call, two launches."""
+    partial, refs = split_scratch(x, num_samples, spatial, channels, num_groups, num_parts)
     for item in numba.prange(num_samples * num_parts):
-        apply_part(x, out, coefficients, spatial, channels, num_parts, item)
+        part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum_type)
+    for item in numba.prange(num_samples * num_parts):
+        apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
+                   bias, eps)  # fmt: skip
+
+
+group_norm_split = numba.njit(cache=True, parallel=True)(_group_norm_split)
