@@ -238,3 +238,30 @@ def test_seed_walkthrough_statistics():
     assert abs(result.std() - 1.0) < 1e-3  # var / (var + eps) with var = 1/12
     buggy = (tensor - tensor.mean()) / (tensor.var() + 1e-5)
     assert buggy.std() > 3.4
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [5, 16, 48])
+@pytest.mark.parametrize("split", [False, True])
+def test_any_buffer_alignment(rng, monkeypatch, dtype, channels, split):
+    """Arrays starting anywhere in a 64-byte line: the NHWC normalization starts its rows where
+    the buffer is aligned, and the first values (the skew) take rotated lane coefficients."""
+    if split:
+        monkeypatch.setattr(_schedule, "plan", lambda units, elements: _schedule.Plan(True, 3, 1))
+    shape = (2, 37, 9, channels)  # NHWC: 333 positions, not a multiple of the lane rows
+    size = int(np.prod(shape))
+    weight, bias = _affine(rng, channels, True)
+    for skip in range(64 // np.dtype(dtype).itemsize):
+        buffer = rng.standard_normal(size + 16).astype(dtype)
+        around = np.concatenate([buffer[:skip], buffer[skip + size :]])
+        x = buffer[skip : skip + size].reshape(shape)
+        groups = 1 if channels == 5 else 4
+        expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NHWC")
+        out = np.empty_like(x)
+        nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=out)
+        np.testing.assert_allclose(out, expected, atol=tolerance(dtype), err_msg=f"skip {skip}")
+        nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=x)
+        np.testing.assert_allclose(x, expected, atol=tolerance(dtype), err_msg=f"skip {skip}")
+        np.testing.assert_array_equal(
+            np.concatenate([buffer[:skip], buffer[skip + size :]]), around
+        )

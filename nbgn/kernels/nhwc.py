@@ -23,6 +23,7 @@ import numpy as np
 from ._compile import parallel_and_serial
 from .moments import (
     REDUCTION_FASTMATH,
+    aligned_full,
     cast_like,
     chunk_bounds,
     destination,
@@ -67,7 +68,7 @@ def lane_scratch(positions, channels, num_groups, sum_type):
     memory under Numba 0.68.
     """
     width = lane_positions(channels, positions) * channels
-    lane_space = np.full(3 * width + num_groups, sum_type)
+    lane_space = aligned_full(3 * width + num_groups, sum_type)
     wide = np.empty(2 * channels + 4 * num_groups)
     return lane_space, wide, np.empty(width, np.int64)
 
@@ -304,29 +305,32 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     """Normalize positions ``[first_position, stop_position)`` of one sample, last rows first.
 
     ``coefficients`` holds the sample's ``(center, scale, shift)`` per channel, shape ``(C, 3)``;
-    they are spread over the lanes in ``lane_space`` (from ``lane_scratch``). Each sweep
-    normalizes one row from each quarter of the range, sharing the loads of the lane coefficients,
-    in four long streams the hardware prefetchers can follow.
+    they are spread over the lanes in ``lane_space`` (from ``lane_scratch``, 64-byte aligned).
+    The rows start ``skew`` values in, where ``x`` is 64-byte aligned, and the lanes are rotated
+    to match: a 512-bit load that straddles two cache lines costs two, and a row has four
+    streams of them. Each sweep normalizes one row from each quarter of the range, sharing the
+    loads of the lane coefficients, in four long streams the hardware prefetchers can follow.
     """
-    positions_per_row = lane_positions(channels, stop_position - first_position)
-    width = positions_per_row * channels
+    width = lane_positions(channels, stop_position - first_position) * channels
+    total = (stop_position - first_position) * channels
+    range_start = sample_start + first_position * channels
+    vector = 64 // x.itemsize
+    skew = min(total, (vector - (x.ctypes.data // x.itemsize + range_start) % vector) % vector)
     center = lane_space[:width]
     scale = lane_space[width : 2 * width]
     shift = lane_space[2 * width : 3 * width]
-    for row_start in range(0, width, channels):
-        for c in range(channels):
-            center[row_start + c] = coefficients[c, 0]
-            scale[row_start + c] = coefficients[c, 1]
-            shift[row_start + c] = coefficients[c, 2]
-    rows_start = sample_start + first_position * channels
-    full_rows = (stop_position - first_position) // positions_per_row
+    channel = skew % channels
+    for j in range(width):
+        center[j] = coefficients[channel, 0]
+        scale[j] = coefficients[channel, 1]
+        shift[j] = coefficients[channel, 2]
+        channel = channel + 1 if channel + 1 < channels else 0
+    rows_start = range_start + skew
+    full_rows = (total - skew) // width
     quarter = full_rows // 4
 
-    tail_positions = stop_position - first_position - full_rows * positions_per_row
-    for p in range(tail_positions - 1, -1, -1):
-        apply_row(
-            x, out, rows_start + full_rows * width + p * channels, channels, center, scale, shift
-        )
+    tail = total - skew - full_rows * width
+    apply_row(x, out, rows_start + full_rows * width, tail, center, scale, shift)
     for r in range(full_rows - 1, 4 * quarter - 1, -1):
         apply_row(x, out, rows_start + r * width, width, center, scale, shift)
     for r in range(quarter - 1, -1, -1):
@@ -350,6 +354,9 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
             target1[j] = (source1[j] - c) * a + b
             target2[j] = (source2[j] - c) * a + b
             target3[j] = (source3[j] - c) * a + b
+    # The skew's values are channels 0, 1, ...: the last lanes, since width is a multiple of C.
+    apply_row(x, out, range_start, skew, center[width - skew :], scale[width - skew :],
+              shift[width - skew :])  # fmt: skip
 
 
 @numba.njit(cache=True)
@@ -490,7 +497,7 @@ def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, 
                                   channels_per_group, weight, bias, eps, stats, coefficients,
                                   g * channels_per_group)  # fmt: skip
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
-    lane_space = np.empty(3 * lane_positions(channels, stop - start) * channels, x.dtype)
+    lane_space = aligned_full(3 * lane_positions(channels, stop - start) * channels, x[0])
     apply_positions(x, out, n * spatial * channels, start, stop, channels, coefficients,
                     lane_space)  # fmt: skip
 
