@@ -265,3 +265,19 @@ def test_any_buffer_alignment(rng, monkeypatch, dtype, channels, split):
         np.testing.assert_array_equal(
             np.concatenate([buffer[:skip], buffer[skip + size :]]), around
         )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_many_small_channels_last_samples(rng, dtype):
+    """Small NHWC samples are normalized channels first in batches: 150 samples make two full
+    batches and a partial one, and a NaN in one sample stays in that sample's group."""
+    x = make_input((150, 6, 3, 3), "NHWC", dtype, rng, offset=3.0)
+    x[97, 1, 2, 4] = np.nan  # sample 97, channel 4: group 2 of 3
+    weight, bias = _affine(rng, 6, True)
+    expected = reference_group_norm(x, 3, weight, bias, 1e-5, "NHWC")
+    result = nbgn.group_norm(x, 3, weight, bias, layout="NHWC")
+    assert np.isnan(result[97, ..., 4:]).all()
+    assert np.isnan(result).sum() == 3 * 3 * 2
+    np.testing.assert_allclose(result, expected, atol=tolerance(dtype))
+    nbgn.group_norm(x, 3, weight, bias, layout="NHWC", out=x)
+    np.testing.assert_allclose(x, expected, atol=tolerance(dtype))

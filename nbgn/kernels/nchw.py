@@ -18,14 +18,17 @@ import numpy as np
 
 from ._compile import parallel_and_serial
 from .moments import (
-    apply_channels,
+    APPLY_CHUNK,
+    ROWS_MIN_CHANNELS,
     apply_reversed,
     chunk_bounds,
     contiguous_moments,
     finalize_group,
-    fold_group,
+    fold_channel,
     merged_group_coefficients,
+    normalize_rows,
     part_bounds,
+    uniform_affine,
 )
 
 
@@ -37,16 +40,30 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
     stats = np.empty((1, 3))
-    coefficients = np.empty((channels_per_group, 3), x.dtype)
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
         ref = np.float64(x[slab_start])
         stats[0] = 0.0
         contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, 0, sum_type)
         mean_hi, mean_lo, _, rstd = finalize_group(ref, stats[0, 0], stats[0, 1], stats[0, 2], eps)
-        fold_group(coefficients, 0, (slab % num_groups) * channels_per_group, channels_per_group,
-                   mean_hi, mean_lo, rstd, weight, bias)  # fmt: skip
-        apply_channels(x, out, slab_start, spatial, coefficients, 0, channels_per_group)
+        first_channel = (slab % num_groups) * channels_per_group
+        if uniform_affine(weight, bias, first_channel, channels_per_group):
+            # One weight and bias (none given): the whole slab is one segment.
+            center, scale, shift = fold_channel(
+                mean_hi, mean_lo, rstd, weight[first_channel], bias[first_channel], x
+            )
+            apply_reversed(x, out, slab_start, slab_start + slab_length, center, scale, shift)
+        elif channels_per_group >= ROWS_MIN_CHANNELS and spatial <= APPLY_CHUNK:
+            normalize_rows(x, out, slab_start, spatial, first_channel, channels_per_group, mean_hi,
+                           mean_lo, rstd, weight, bias)  # fmt: skip
+        else:
+            for k in range(channels_per_group - 1, -1, -1):
+                channel = first_channel + k
+                center, scale, shift = fold_channel(
+                    mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
+                )
+                apply_reversed(x, out, slab_start + k * spatial, slab_start + (k + 1) * spatial,
+                               center, scale, shift)  # fmt: skip
 
 
 def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
