@@ -26,6 +26,7 @@ from .moments import (
     aligned_full,
     cast_like,
     chunk_bounds,
+    contiguous_moments,
     destination,
     finalize_group,
     fold_group,
@@ -237,7 +238,15 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     ``lane_scratch``; the moments are summed in the type of ``lane_space``, which holds per lane
     (pivot, s1, s2) and per group the pivot. ``wide`` holds float64 (s1, s2) per channel and per
     group the reference and (s1, s2, float64 pivot); ``lane_group`` each lane's group.
+
+    With one group the range is one contiguous run of that group's values: the channels-first
+    moments (``moments.contiguous_moments``) take it, at their lower cost per value.
     """
+    if num_groups == 1:
+        contiguous_moments(x, sample_start + first_position * channels,
+                           sample_start + stop_position * channels, np.float64(x[sample_start]),
+                           stats, 0, lane_space[0])  # fmt: skip
+        return
     channels_per_group = channels // num_groups
     positions = stop_position - first_position
     positions_per_row = lane_positions(channels, positions)
