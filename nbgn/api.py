@@ -60,6 +60,7 @@ def group_norm(
     """
     x = check_input(x)
     geometry = check_geometry(x.shape, num_groups, layout)
+    affine = weight is not None or bias is not None
     weight = check_affine(weight, "weight", geometry.channels, 1.0, x.dtype)
     bias = check_affine(bias, "bias", geometry.channels, 0.0, x.dtype)
     eps = check_eps(eps)
@@ -71,21 +72,21 @@ def group_norm(
     if channels_last is None:
         # No memory order fits the kernels: work on a contiguous copy, then write the result out.
         source = np.ascontiguousarray(x)
-        result = _run(source, None, geometry, geometry.channels_last, weight, bias, eps)
+        result = _run(source, None, geometry, geometry.channels_last, weight, bias, eps, affine)
         if out is None:
             return result
         out[...] = result
         return out
 
     if in_place:
-        return _run(out, None, geometry, channels_last, weight, bias, eps)
+        return _run(out, None, geometry, channels_last, weight, bias, eps, affine)
     if out is None:
         result = _empty_in_order(x, geometry, channels_last)
-        return _run(x, result, geometry, channels_last, weight, bias, eps)
+        return _run(x, result, geometry, channels_last, weight, bias, eps, affine)
     if _kernel_order(out, geometry) is channels_last:
-        return _run(x, out, geometry, channels_last, weight, bias, eps)
+        return _run(x, out, geometry, channels_last, weight, bias, eps, affine)
     out[...] = _run(x, _empty_in_order(x, geometry, channels_last), geometry, channels_last,
-                    weight, bias, eps)  # fmt: skip
+                    weight, bias, eps, affine)  # fmt: skip
     return out
 
 
@@ -177,7 +178,7 @@ def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=Fals
     return kernel(flat, n, c, s, g, parts, sum_type)
 
 
-def _run(x, out, geometry, channels_last, weight, bias, eps):
+def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     """Normalize ``x`` into ``out`` (``None``: in place); both contiguous in the kernels' order."""
     n, c, s, g, _ = geometry
     source = _flat(x, geometry, channels_last)
@@ -189,7 +190,9 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
         if channels_last:
             nhwc.group_norm_fused_serial(source, target, n, s, c, g, weight, bias, eps, sum_type, 1)
         else:
-            nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, sum_type, 1)
+            patterned = affine and _schedule.channel_patterns(n, c // g, s, source.itemsize, 1)
+            nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, sum_type, 1,
+                                         patterned)  # fmt: skip
         return x if out is None else out
     # One unit per thread (fused), or units split into parts when they are fewer (see _schedule).
     if channels_last:
@@ -199,6 +202,12 @@ def _run(x, out, geometry, channels_last, weight, bias, eps):
         kernel = nchw.group_norm_fused if plan.parts == 1 else nchw.group_norm_split
         dims = (n, c, s, g)
     with _threading.kernel_guard():
-        kernel(source, target, *dims, weight, bias, eps, sum_type,
-               plan.chunks if plan.parts == 1 else plan.parts)  # fmt: skip
+        if plan.parts == 1 and not channels_last:
+            patterned = affine and _schedule.channel_patterns(
+                n, c // g, s, source.itemsize, plan.chunks
+            )
+            kernel(source, target, *dims, weight, bias, eps, sum_type, plan.chunks, patterned)
+        else:
+            kernel(source, target, *dims, weight, bias, eps, sum_type,
+                   plan.chunks if plan.parts == 1 else plan.parts)  # fmt: skip
     return x if out is None else out

@@ -281,3 +281,27 @@ def test_many_small_channels_last_samples(rng, dtype):
     np.testing.assert_allclose(result, expected, atol=tolerance(dtype))
     nbgn.group_norm(x, 3, weight, bias, layout="NHWC", out=x)
     np.testing.assert_allclose(x, expected, atol=tolerance(dtype))
+
+
+@pytest.mark.parametrize(("shape", "groups"), [((4, 16, 5, 5), 2), ((8, 64, 7, 7), 4)])
+def test_channel_patterns_path(rng, shape, groups):
+    """float32 NCHW with many short channels and per-channel weights: the patterned kernel
+    (serial, then parallel), far from zero, with a constant group (exactly bias, eps=0) and a NaN
+    group (all NaN) among normal ones."""
+    n, c = shape[:2]
+    assert _schedule.channel_patterns(n, c // groups, shape[2] * shape[3], 4, 2)
+    x = make_input(shape, "NCHW", np.float32, rng, offset=3e3)
+    per_group = c // groups
+    x[1, :per_group] = 7.25  # sample 1, group 0: constant
+    x[2, per_group + 3, 1, 1] = np.nan  # sample 2, group 1
+    weight, bias = _affine(rng, c, True)
+    expected = reference_group_norm(x, groups, weight, bias, 0.0, "NCHW")
+    constant = np.broadcast_to(bias[:per_group, None, None], (per_group, *shape[2:]))
+    expected[1, :per_group] = constant  # 0 / sqrt(0) in the reference: nbgn gives the bias
+    result = nbgn.group_norm(x, groups, weight, bias, eps=0.0)
+    np.testing.assert_array_equal(result[1, :per_group], constant.astype(np.float32))
+    assert np.isnan(result[2, per_group : 2 * per_group]).all()
+    assert np.isnan(result).sum() == per_group * shape[2] * shape[3]
+    np.testing.assert_allclose(result, expected, atol=tolerance(np.float32))
+    nbgn.group_norm(x, groups, weight, bias, eps=0.0, out=x)
+    np.testing.assert_allclose(x, expected, atol=tolerance(np.float32))

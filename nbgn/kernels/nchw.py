@@ -20,9 +20,12 @@ from ._compile import parallel_and_serial
 from .moments import (
     APPLY_CHUNK,
     ROWS_MIN_CHANNELS,
+    aligned_full,
     apply_reversed,
+    cast_like,
     chunk_bounds,
     contiguous_moments,
+    destination,
     finalize_group,
     fold_channel,
     merged_group_coefficients,
@@ -66,8 +69,58 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
                                center, scale, shift)  # fmt: skip
 
 
+@numba.njit(cache=True)
+def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channels, spatial,
+                              num_groups, weight, bias, eps, sum_type):  # fmt: skip
+    """``normalize_slabs`` for many short channels with their own weight and bias: items
+    ``[first_item, stop_item)`` in group-major order (item ``g * N + n`` is slab ``n * G + g``).
+
+    A group's weight and bias, spread over its slab (``spatial`` copies of each channel's), are
+    built once and serve every sample of the group, so each slab is normalized by one flat loop,
+    ``((x - center) * rstd - offset) * weight + bias`` per value, instead of a loop per channel of
+    a few dozen values. ``offset`` is the mean's rounding residual times ``rstd`` (see
+    ``fold_channel``).
+    """
+    channels_per_group = channels // num_groups
+    slab_length = channels_per_group * spatial
+    stats = np.empty((1, 3))
+    scales = aligned_full(slab_length, x[0])
+    shifts = aligned_full(slab_length, x[0])
+    scale_rows = scales.reshape((channels_per_group, spatial))
+    shift_rows = shifts.reshape((channels_per_group, spatial))
+    pattern_group = -1
+    for item in range(first_item, stop_item):
+        group = item // num_samples
+        slab = (item - group * num_samples) * num_groups + group
+        slab_start = slab * slab_length
+        ref = np.float64(x[slab_start])
+        stats[0] = 0.0
+        contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, 0, sum_type)
+        mean_hi, mean_lo, _, rstd = finalize_group(ref, stats[0, 0], stats[0, 1], stats[0, 2], eps)
+        first_channel = group * channels_per_group
+        if uniform_affine(weight, bias, first_channel, channels_per_group):
+            center, scale, shift = fold_channel(
+                mean_hi, mean_lo, rstd, weight[first_channel], bias[first_channel], x
+            )
+            apply_reversed(x, out, slab_start, slab_start + slab_length, center, scale, shift)
+            continue
+        if group != pattern_group:
+            pattern_group = group
+            for k in range(channels_per_group):
+                scale_rows[k] = weight[first_channel + k]
+                shift_rows[k] = bias[first_channel + k]
+        center = cast_like(mean_hi, x)
+        residual = (mean_hi - np.float64(center)) + mean_lo
+        typed_rstd = cast_like(rstd, x)
+        offset = cast_like(residual * rstd, x)
+        source = x[slab_start : slab_start + slab_length]
+        target = destination(source, out, slab_start, slab_start + slab_length)
+        for i in range(slab_length):
+            target[i] = ((source[i] - center) * typed_rstd - offset) * scales[i] + shifts[i]
+
+
 def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
-                      sum_type, num_chunks):  # fmt: skip
+                      sum_type, num_chunks, patterned):  # fmt: skip
     """Normalize whole slabs, ``num_chunks`` runs of them in parallel (``normalize_slabs``).
 
     Parameters
@@ -80,12 +133,18 @@ def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight
         per type.
     num_chunks : int
         Runs of slabs, at most N * num_groups: one per thread.
+    patterned : bool
+        Use ``normalize_slabs_patterned`` (see ``_schedule.channel_patterns``).
     """
     num_slabs = num_samples * num_groups
     for chunk in numba.prange(num_chunks):
-        first_slab, stop_slab = chunk_bounds(num_slabs, num_chunks, chunk)
-        normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups, weight,
-                        bias, eps, sum_type)  # fmt: skip
+        first, stop = chunk_bounds(num_slabs, num_chunks, chunk)
+        if patterned:
+            normalize_slabs_patterned(x, out, first, stop, num_samples, channels, spatial,
+                                      num_groups, weight, bias, eps, sum_type)  # fmt: skip
+        else:
+            normalize_slabs(x, out, first, stop, channels, spatial, num_groups, weight, bias, eps,
+                            sum_type)  # fmt: skip
 
 
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
