@@ -9,10 +9,13 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
   with one thread (``numba.set_num_threads(1)``), and every call in a process forked after GNU
   OpenMP threads ran, where a parallel launch would kill it (``_threading.serial_only``).
 - When there are fewer units than threads (one image at inference, one group), or so few that the
-  threads would finish unevenly, each unit is split into ``parts``: a parallel pass computes the
-  parts' moments, they are merged exactly (Chan), and a second parallel pass normalizes each part in
-  reverse, so that what the first pass left in the caches is reused. Parts smaller than
-  ``MIN_PART_ELEMENTS`` are not worth a thread.
+  threads would finish unevenly, each unit is split into ``parts``: one call runs a parallel loop
+  over the parts' moments, and a second one that normalizes each part in reverse, with its unit's
+  moments merged exactly (Chan), so that what the first loop left in the caches is reused. Parts
+  smaller than ``MIN_PART_ELEMENTS`` are not worth a thread; a single unit not worth splitting runs
+  serially.
+- NCHW float32 slabs of many short channels with their own weights go through per-group weight
+  patterns (``channel_patterns``): one flat loop per slab instead of one per channel.
 """
 
 from __future__ import annotations

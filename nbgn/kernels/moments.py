@@ -19,7 +19,9 @@ The algorithm (one read of the input):
    The kernels take ``sum_type``, a zero of the type to sum in, and Numba compiles one kernel per
    type: float64 for ``group_moments`` and for ``eps`` below ``NATIVE_MIN_EPS`` (where float32
    underflow of tiny spreads would matter), the input's dtype otherwise.
-3. Blocks are merged with Chan's pairwise formula in float64, whose terms are all non-negative: no
+3. Blocks about one pivot add their float64 sums (the error bound is the per-block one: each block's
+   ``s2`` is at most ``1 + REPIVOT`` times its ``m2``); such runs, and parts of a group summed apart,
+   are merged with Chan's pairwise formula in float64, whose terms are all non-negative: no
    cancellation. Every running mean is kept as an *offset* from a reference value ``ref`` (the
    group's first element), so the mean is carried as ``ref + offset`` with more than float64
    precision.

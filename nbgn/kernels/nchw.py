@@ -5,8 +5,11 @@ its channels are consecutive runs of ``spatial`` elements inside it. Every kerne
 to write in place: Numba compiles that case separately with a single array, so the normalization
 loop has no runtime alias check between input and output.
 
-Parallel loops only call functions compiled on their own (``normalize_slabs``, ``part_moments``,
-``apply_part``): the same code inlined into a ``prange`` body ran at half the speed.
+Parallel loops only call functions compiled on their own (``normalize_slabs``,
+``normalize_slabs_patterned``, ``part_moments``, ``apply_part``): the same code inlined into a
+``prange`` body ran at half the speed. A group whose channels share one weight and bias is normalized
+as one segment; otherwise a channel at a time, or, for short channels, a row of a 2-D view
+(``moments.normalize_rows``) or a flat loop against per-group patterns of weight and bias.
 
 Bytes moved per element (``b`` = itemsize): ``normalize_slabs`` reads a slab once for the moments and
 normalizes it while it is still in L2, so it moves ``2b`` to and from memory when the slab fits in L2

@@ -9,12 +9,16 @@ sums are added up per channel and per group in float64 and merged with Chan's fo
 same checks as ``moments.contiguous_moments``.
 
 Bytes moved per element: the moments pass reads a sample once and the normalization reads it again in
-reverse (from L2/L3 when a sample fits there) and writes it: ``2b`` to ``3b`` per element.
+reverse (from L2/L3 when a sample fits there) and writes it: ``2b`` to ``3b`` per element. The
+normalization's rows start on a 64-byte boundary of ``x`` (its lanes rotated to match), since a
+512-bit load across two cache lines costs two. With one group, a sample's moments are one
+contiguous run (``moments.contiguous_moments``).
 
 Work is split into ``num_chunks`` contiguous runs of samples, one per thread, so that each thread
-allocates its scratch once rather than once per sample. Parallel loops only call functions
-compiled on their own (``normalize_samples``, ``part_moments``, ``apply_part``): the same code
-inlined into a ``prange`` body ran at half the speed.
+allocates its scratch once rather than once per sample; samples of at most ``SMALL_SAMPLE`` values
+are normalized channels first, in batches. Parallel loops only call functions compiled on their
+own (``normalize_samples``, ``part_moments``, ``apply_part``): the same code inlined into a
+``prange`` body ran at half the speed.
 """
 
 import numba
