@@ -82,21 +82,23 @@ def num_parts(units: int, unit_elements: int, threads: int) -> int:
     return max(1, min(wanted, affordable))
 
 
-def channel_patterns(num_samples: int, channels_per_group: int, spatial: int, itemsize: int,
-                     chunks: int) -> bool:  # fmt: skip
+def channel_patterns(
+    num_samples: int, channels_per_group: int, spatial: int, itemsize: int
+) -> bool:
     """Whether NCHW slabs are normalized through per-group patterns of weight and bias
     (``nchw.normalize_slabs_patterned``) rather than a loop per channel.
 
     A loop over a channel of a few dozen values spends as much on its setup as on its values;
-    the pattern turns a slab into one flat loop, with two more (L1-resident) loads per value, and
-    costs one build per group and thread, paid back when each thread normalizes that group in
-    at least two samples. Measured on float32 channels of 49 values, one thread: 226 -> 168 us
-    in place for (16, 2048, 7, 7)/32. Not for float64 (the extra loads cost more than the loop
-    setup saves) nor for channels beyond ``PATTERN_MAX_SPATIAL`` values (196: slower).
+    the pattern turns a slab into one flat loop, with two more (L1-resident) loads per value. The
+    slabs go in group-major order, so a thread builds a group's pattern once and uses it for every
+    sample of that group in its run: worth it from two samples on. Measured on float32 channels of
+    49 values, one thread: 226 -> 168 us in place for (16, 2048, 7, 7)/32. Not for float64 (the
+    extra loads cost more than the loop setup saves) nor for channels beyond
+    ``PATTERN_MAX_SPATIAL`` values (196: slower).
     """
     return (
         itemsize == 4
         and spatial <= PATTERN_MAX_SPATIAL
         and channels_per_group >= PATTERN_MIN_CHANNELS
-        and num_samples >= 2 * chunks
+        and num_samples >= 2
     )

@@ -190,7 +190,7 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
         if channels_last:
             nhwc.group_norm_fused_serial(source, target, n, s, c, g, weight, bias, eps, sum_type, 1)
         else:
-            patterned = affine and _schedule.channel_patterns(n, c // g, s, source.itemsize, 1)
+            patterned = affine and _schedule.channel_patterns(n, c // g, s, source.itemsize)
             nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, sum_type, 1,
                                          patterned)  # fmt: skip
         return x if out is None else out
@@ -203,9 +203,7 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
         dims = (n, c, s, g)
     with _threading.kernel_guard():
         if plan.parts == 1 and not channels_last:
-            patterned = affine and _schedule.channel_patterns(
-                n, c // g, s, source.itemsize, plan.chunks
-            )
+            patterned = affine and _schedule.channel_patterns(n, c // g, s, source.itemsize)
             kernel(source, target, *dims, weight, bias, eps, sum_type, plan.chunks, patterned)
         else:
             kernel(source, target, *dims, weight, bias, eps, sum_type,

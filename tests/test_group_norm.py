@@ -1,5 +1,6 @@
 """group_norm against the float64 two-pass reference: every layout, dtype, rank, mode and path."""
 
+import numba
 import numpy as np
 import pytest
 from reference import make_input, reference_group_norm, to_channels_first, tolerance
@@ -85,8 +86,10 @@ def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
     """Force the split path (moments per part, merged with Chan's formula) whatever the core count."""
     monkeypatch.setattr(_schedule, "plan", lambda units, elements: _schedule.Plan(True, parts, 1))
     x = make_input((2, 6, 37, 29), layout, dtype, rng, scale=1e-2, offset=300.0)
-    expected = reference_group_norm(x, 3, layout=layout)
-    np.testing.assert_allclose(nbgn.group_norm(x, 3, layout=layout), expected, atol=1e-4)
+    weight, bias = _affine(rng, 6, True)
+    expected = reference_group_norm(x, 3, weight, bias, 1e-5, layout)
+    np.testing.assert_allclose(nbgn.group_norm(x, 3, weight, bias, layout=layout), expected,
+                               atol=1e-4)  # fmt: skip
     mean, var = nbgn.group_moments(x, 3, layout=layout)
     grouped = to_channels_first(x.astype(np.float64), layout).reshape(2, 3, -1)
     np.testing.assert_allclose(mean, grouped.mean(-1), rtol=1e-14)
@@ -283,13 +286,15 @@ def test_many_small_channels_last_samples(rng, dtype):
     np.testing.assert_allclose(x, expected, atol=tolerance(dtype))
 
 
-@pytest.mark.parametrize(("shape", "groups"), [((4, 16, 5, 5), 2), ((8, 64, 7, 7), 4)])
+@pytest.mark.parametrize(("shape", "groups"), [((4, 16, 5, 5), 2), ((16, 256, 7, 7), 32)])
 def test_channel_patterns_path(rng, shape, groups):
     """float32 NCHW with many short channels and per-channel weights: the patterned kernel
-    (serial, then parallel), far from zero, with a constant group (exactly bias, eps=0) and a NaN
-    group (all NaN) among normal ones."""
+    (serial, then parallel on 2+ threads), far from zero, with a constant group (exactly bias,
+    eps=0) and a NaN group (all NaN) among normal ones."""
     n, c = shape[:2]
-    assert _schedule.channel_patterns(n, c // groups, shape[2] * shape[3], 4, 2)
+    plan = _schedule.plan(n * groups, c // groups * shape[2] * shape[3])
+    assert _schedule.channel_patterns(n, c // groups, shape[2] * shape[3], 4)
+    assert plan.parallel == (shape[0] == 16 and numba.get_num_threads() > 1)
     x = make_input(shape, "NCHW", np.float32, rng, offset=3e3)
     per_group = c // groups
     x[1, :per_group] = 7.25  # sample 1, group 0: constant

@@ -21,7 +21,8 @@ def _cases(count, seed=0):
     for i in range(count):
         layout = ("NCHW", "NHWC")[i % 2]
         dtype = (np.float32, np.float64)[(i // 2) % 2]
-        shape = ((4, 16, 48, 48), (2, 8, 6, 6), (1, 16, 128, 128))[i % 3]  # parallel, serial, split
+        # parallel, serial, and the last split across threads in NHWC (NCHW: one slab per thread)
+        shape = ((4, 16, 48, 48), (2, 8, 6, 6), (1, 16, 128, 128))[i % 3]
         x = rng.standard_normal(shape)
         if layout == "NHWC":
             x = np.moveaxis(x, 1, -1)

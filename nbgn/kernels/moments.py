@@ -4,7 +4,8 @@ The algorithm (one read of the input):
 
 1. The input is consumed in *blocks* of up to ``BLOCK`` values. A block subtracts a *pivot* and
    accumulates the shifted sums ``s1 = sum(x - pivot)`` and ``s2 = sum((x - pivot)**2)``. The first
-   pivot comes from the data (its first value; for NHWC each group's mean at the first position)
+   pivot comes from the data (its first value; for NHWC with several groups, each group's mean at
+   the first position)
    and stays while it lies within two standard deviations of each block's mean (checked, see 2), so
    the shifted values are of the order of the spread, not of the mean: ``m2 = s2 - s1**2 / n``
    cancels nothing even when the mean is 1e8 standard deviations from zero.

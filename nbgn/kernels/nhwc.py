@@ -522,7 +522,8 @@ def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, 
                                   channels_per_group, weight, bias, eps, stats, coefficients,
                                   g * channels_per_group)  # fmt: skip
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
-    lane_space = aligned_full(3 * lane_positions(channels, stop - start) * channels, x[0])
+    lane_space = aligned_full(3 * lane_positions(channels, stop - start) * channels,
+                              cast_like(0.0, x))  # fmt: skip
     apply_positions(x, out, n * spatial * channels, start, stop, channels, coefficients,
                     lane_space)  # fmt: skip
 
