@@ -83,7 +83,7 @@ def lane_scratch(positions, channels, num_groups, sum_type):
 
 
 @numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
-def lane_sums(x, start, width, stream_stride, rows, lanes):
+def lane_sums(x, start, width, stream_stride, rows, lanes, clear):
     """Sum ``x - pivot`` and its square per lane into ``lanes[1]`` and ``lanes[2]``, in their type,
     about ``lanes[0]``, over ``rows`` rows of ``width`` values from ``x[start]``; with a positive
     ``stream_stride``, each of those rows together with the rows ``stream_stride``, 2 and 3 times
@@ -91,11 +91,13 @@ def lane_sums(x, start, width, stream_stride, rows, lanes):
 
     Four rows from four distant places are four long sequential streams that the hardware
     prefetchers follow (four adjacent rows would be four streams of a few lines each, which they do
-    not), and they share each load and store of the lane sums.
+    not), and they share each load and store of the lane sums. ``clear`` False adds to the lane
+    sums instead of starting them from zero.
     """
     pivot, s1, s2 = lanes[0, :width], lanes[1, :width], lanes[2, :width]
-    s1[:] = 0.0
-    s2[:] = 0.0
+    if clear:
+        s1[:] = 0.0
+        s2[:] = 0.0
     if stream_stride > 0:
         for r in range(rows):
             base = start + r * width
@@ -134,9 +136,13 @@ def group_sums(lanes, width, channel_sums, sums):
             channel_sums[0, c] += np.float64(lanes[1, row_start + c])
             channel_sums[1, c] += np.float64(lanes[2, row_start + c])
     for g in range(sums.shape[0]):
-        first = g * channels_per_group
-        sums[g, 0] = np.sum(channel_sums[0, first : first + channels_per_group])
-        sums[g, 1] = np.sum(channel_sums[1, first : first + channels_per_group])
+        s1 = 0.0
+        s2 = 0.0
+        for c in range(g * channels_per_group, (g + 1) * channels_per_group):
+            s1 += channel_sums[0, c]
+            s2 += channel_sums[1, c]
+        sums[g, 0] = s1
+        sums[g, 1] = s2
 
 
 @numba.njit(inline="always")
@@ -159,22 +165,26 @@ def repivot(group_pivot, sums, count):
 
 
 @numba.njit(cache=True)
-def block_group_sums(x, start, width, stream_stride, rows, count, lane_group, lanes,
-                     channel_sums, group_pivot, sums):  # fmt: skip
-    """Group sums ``sums[:, 0:2]`` of one block about ``group_pivot`` (expanded in ``lanes[0]``),
-    in the type of ``lanes``; summed again, once, about the block's means where a pivot did not
-    stand (the moved pivots stay for the next blocks)."""
-    lane_sums(x, start, width, stream_stride, rows, lanes)
-    group_sums(lanes, width, channel_sums, sums)
-    if repivot(group_pivot, sums, count):
-        expand_pivots(group_pivot, lane_group, lanes)
-        lane_sums(x, start, width, stream_stride, rows, lanes)
+def block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count,
+                     lane_group, lanes, channel_sums, group_pivot, sums):  # fmt: skip
+    """Group sums ``sums[:, 0:2]`` of one block (and its ``tail_rows`` positions from
+    ``tail_start``) about ``group_pivot`` (expanded in ``lanes[0]``), in the type of ``lanes``;
+    summed again, once, about the block's means where a pivot did not stand (the moved pivots stay
+    for the next blocks)."""
+    channels = channel_sums.shape[1]
+    for attempt in range(2):
+        lane_sums(x, start, width, stream_stride, rows, lanes, True)
+        if tail_rows > 0:
+            lane_sums(x, tail_start, channels, 0, tail_rows, lanes, False)
         group_sums(lanes, width, channel_sums, sums)
+        if attempt == 1 or not repivot(group_pivot, sums, count):
+            break
+        expand_pivots(group_pivot, lane_group, lanes)
 
 
 @numba.njit(cache=True)
-def float64_block_group_sums(x, start, width, stream_stride, rows, count, group_pivot,
-                             channel_sums, sums):  # fmt: skip
+def float64_block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count,
+                             group_pivot, channel_sums, sums):  # fmt: skip
     """``block_group_sums`` in float64, value by value, for the rare block whose float32 sums are
     not finite (an overflow, or NaN/Inf in the data). ``group_pivot`` is float64."""
     channels = channel_sums.shape[1]
@@ -183,10 +193,14 @@ def float64_block_group_sums(x, start, width, stream_stride, rows, count, group_
     streams = 4 if stream_stride > 0 else 1
     for _attempt in range(2):
         channel_sums[:] = 0.0
-        for stream in range(streams):
-            for r in range(rows):
+        for stream in range(streams + 1):
+            for r in range(rows if stream < streams else 1):
                 row_start = start + stream * stream_stride + r * width
-                for position_start in range(row_start, row_start + width, channels):
+                row_stop = row_start + width
+                if stream == streams:  # the tail positions
+                    row_start = tail_start
+                    row_stop = tail_start + tail_rows * channels
+                for position_start in range(row_start, row_stop, channels):
                     for g in range(num_groups):
                         pivot = group_pivot[g]
                         for c in range(g * channels_per_group, (g + 1) * channels_per_group):
@@ -202,17 +216,18 @@ def float64_block_group_sums(x, start, width, stream_stride, rows, count, group_
 
 
 @numba.njit(cache=True)
-def block_group_moments(x, start, width, stream_stride, rows, count, refs, stats, lane_group, lanes,
-                        channel_sums, group_pivot, sums):  # fmt: skip
+def block_group_moments(x, start, width, stream_stride, rows, tail_start, tail_rows, count, refs,
+                        stats, lane_group, lanes, channel_sums, group_pivot, sums):  # fmt: skip
     """Merge the moments of one block of rows into ``stats[g]`` for every group ``g``.
 
-    ``count`` values of each group lie in the block. Summed in the type of ``lanes``, and redone in
+    ``count`` values of each group lie in the block (its rows, and ``tail_rows`` positions from
+    ``tail_start``). Summed in the type of ``lanes``, and redone in
     float64 where a sum is not finite, as in ``moments.contiguous_moments``. The arrays are
     ``sample_moments``'s scratch.
     """
     num_groups = group_pivot.size
-    block_group_sums(x, start, width, stream_stride, rows, count, lane_group, lanes, channel_sums,
-                     group_pivot, sums)  # fmt: skip
+    block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count, lane_group,
+                     lanes, channel_sums, group_pivot, sums)  # fmt: skip
     finite = True
     for g in range(num_groups):
         finite = finite and np.isfinite(sums[g, 1])
@@ -224,8 +239,8 @@ def block_group_moments(x, start, width, stream_stride, rows, count, refs, stats
     group_pivot64 = sums[:, 2]
     for g in range(num_groups):
         group_pivot64[g] = group_pivot[g]
-    float64_block_group_sums(x, start, width, stream_stride, rows, count, group_pivot64,
-                             channel_sums, sums)  # fmt: skip
+    float64_block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count,
+                             group_pivot64, channel_sums, sums)  # fmt: skip
     for g in range(num_groups):
         merge_shifted_sums(stats, g, count, sums[g, 0], sums[g, 1], group_pivot64[g], refs[g])
         group_pivot[g] = cast_like(group_pivot64[g], group_pivot)
@@ -280,15 +295,20 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     expand_pivots(group_pivot, groups_of_lanes, lanes)
 
     # Blocks of sweeps over the four quarters of the rows, then what the quarters leave, position by
-    # position (up to three rows and a partial one). One call site: each kind of block compiled
+    # position (up to three rows and a partial one): with the last sweep block when there are at
+    # most SWEEPS_PER_BLOCK of those positions (a block's fixed cost, ~2 us at C = 2048, is more
+    # than such a tail's), else in blocks of their own. One call site: each kind of block compiled
     # separately would double the compile time.
     full_rows = positions // positions_per_row
     quarter = full_rows // 4
     sweep_blocks = -(-quarter // SWEEPS_PER_BLOCK)
     tail_start = rows_start + 4 * quarter * width
     tail_positions = positions - 4 * quarter * positions_per_row
-    tail_blocks = -(-tail_positions // (4 * SWEEPS_PER_BLOCK))
+    joined = sweep_blocks > 0 and tail_positions <= SWEEPS_PER_BLOCK
+    tail_blocks = 0 if joined else -(-tail_positions // (4 * SWEEPS_PER_BLOCK))
     for block in range(sweep_blocks + tail_blocks):
+        extra_start = 0
+        extra_rows = 0
         if block < sweep_blocks:
             first_sweep = block * SWEEPS_PER_BLOCK
             rows = min(SWEEPS_PER_BLOCK, quarter - first_sweep)
@@ -296,6 +316,10 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
             block_width = width
             stream_stride = quarter * width
             count = rows * 4 * positions_per_row * channels_per_group
+            if joined and block == sweep_blocks - 1:
+                extra_start = tail_start
+                extra_rows = tail_positions
+                count += tail_positions * channels_per_group
         else:
             first_position_of_block = (block - sweep_blocks) * 4 * SWEEPS_PER_BLOCK
             rows = min(4 * SWEEPS_PER_BLOCK, tail_positions - first_position_of_block)
@@ -303,8 +327,9 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
             block_width = channels
             stream_stride = 0
             count = rows * channels_per_group
-        block_group_moments(x, block_start, block_width, stream_stride, rows, count, refs, stats,
-                            groups_of_lanes, lanes, per_channel, group_pivot, sums)  # fmt: skip
+        block_group_moments(x, block_start, block_width, stream_stride, rows, extra_start,
+                            extra_rows, count, refs, stats, groups_of_lanes, lanes, per_channel,
+                            group_pivot, sums)  # fmt: skip
 
 
 @numba.njit(inline="always")
