@@ -179,33 +179,34 @@ def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=Fals
 
 
 def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
-    """Normalize ``x`` into ``out`` (``None``: in place); both contiguous in the kernels' order."""
+    """Normalize ``x`` into ``out`` (``None``: in place); both contiguous in the kernels' order.
+
+    ``affine``: the caller gave a weight or a bias (without, NCHW needs no channel patterns).
+    """
     n, c, s, g, _ = geometry
     source = _flat(x, geometry, channels_last)
     target = None if out is None else _flat(out, geometry, channels_last)
     plan = _plan(geometry, channels_last)
     # Moments summed in the input's precision, unless eps is too small for that (see moments).
     sum_type = _NATIVE_SUM_TYPES[source.dtype] if eps >= moments.NATIVE_MIN_EPS else 0.0
-    if not plan.parallel:
-        if channels_last:
-            nhwc.group_norm_fused_serial(source, target, n, s, c, g, weight, bias, eps, sum_type, 1)
+    if channels_last:
+        dims = (n, s, c, g)
+        fused, serial = nhwc.group_norm_fused, nhwc.group_norm_fused_serial
+        split = nhwc.group_norm_split
+    else:
+        dims = (n, c, s, g)
+        if affine and _schedule.channel_patterns(n, c // g, s, source.itemsize):
+            fused, serial = nchw.group_norm_patterned, nchw.group_norm_patterned_serial
         else:
-            patterned = affine and _schedule.channel_patterns(n, c // g, s, source.itemsize)
-            nchw.group_norm_fused_serial(source, target, n, c, s, g, weight, bias, eps, sum_type, 1,
-                                         patterned)  # fmt: skip
+            fused, serial = nchw.group_norm_fused, nchw.group_norm_fused_serial
+        split = nchw.group_norm_split
+    if not plan.parallel:
+        serial(source, target, *dims, weight, bias, eps, sum_type, 1)
         return x if out is None else out
     # One unit per thread (fused), or units split into parts when they are fewer (see _schedule).
-    if channels_last:
-        kernel = nhwc.group_norm_fused if plan.parts == 1 else nhwc.group_norm_split
-        dims = (n, s, c, g)
-    else:
-        kernel = nchw.group_norm_fused if plan.parts == 1 else nchw.group_norm_split
-        dims = (n, c, s, g)
     with _threading.kernel_guard():
-        if plan.parts == 1 and not channels_last:
-            patterned = affine and _schedule.channel_patterns(n, c // g, s, source.itemsize)
-            kernel(source, target, *dims, weight, bias, eps, sum_type, plan.chunks, patterned)
+        if plan.parts == 1:
+            fused(source, target, *dims, weight, bias, eps, sum_type, plan.chunks)
         else:
-            kernel(source, target, *dims, weight, bias, eps, sum_type,
-                   plan.chunks if plan.parts == 1 else plan.parts)  # fmt: skip
+            split(source, target, *dims, weight, bias, eps, sum_type, plan.parts)
     return x if out is None else out

@@ -124,9 +124,8 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
 
 
 def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
-                      sum_type, num_chunks, patterned):  # fmt: skip
-    """Normalize whole slabs, ``num_chunks`` runs of them in parallel (``normalize_slabs``, or
-    ``normalize_slabs_patterned`` over runs in group-major order).
+                      sum_type, num_chunks):  # fmt: skip
+    """Normalize whole slabs, ``num_chunks`` runs of them in parallel (``normalize_slabs``).
 
     Parameters
     ----------
@@ -138,21 +137,30 @@ def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight
         per type.
     num_chunks : int
         Runs of slabs, at most N * num_groups: one per thread.
-    patterned : bool
-        Use ``normalize_slabs_patterned`` (see ``_schedule.channel_patterns``).
     """
     num_slabs = num_samples * num_groups
     for chunk in numba.prange(num_chunks):
-        first, stop = chunk_bounds(num_slabs, num_chunks, chunk)
-        if patterned:
-            normalize_slabs_patterned(x, out, first, stop, num_samples, channels, spatial,
-                                      num_groups, weight, bias, eps, sum_type)  # fmt: skip
-        else:
-            normalize_slabs(x, out, first, stop, channels, spatial, num_groups, weight, bias, eps,
-                            sum_type)  # fmt: skip
+        first_slab, stop_slab = chunk_bounds(num_slabs, num_chunks, chunk)
+        normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups, weight,
+                        bias, eps, sum_type)  # fmt: skip
 
 
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
+
+
+def _group_norm_patterned(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
+                          sum_type, num_chunks):  # fmt: skip
+    """``_group_norm_fused`` through ``normalize_slabs_patterned``, over ``num_chunks`` runs of
+    (sample, group) items in group-major order (see ``_schedule.channel_patterns``). A kernel of
+    its own, so that only the calls that use it compile it."""
+    num_items = num_samples * num_groups
+    for chunk in numba.prange(num_chunks):
+        first_item, stop_item = chunk_bounds(num_items, num_chunks, chunk)
+        normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channels, spatial,
+                                  num_groups, weight, bias, eps, sum_type)  # fmt: skip
+
+
+group_norm_patterned, group_norm_patterned_serial = parallel_and_serial(_group_norm_patterned)
 
 
 @numba.njit(cache=True)
