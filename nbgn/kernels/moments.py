@@ -65,10 +65,6 @@ NATIVE_MIN_EPS = 2.0**-60
 #: Elements per chunk of the reversed normalization (see ``apply_reversed``): 64 KiB of float32.
 APPLY_CHUNK = 1 << 14
 
-#: Groups of at least this many channels of at most ``APPLY_CHUNK`` values normalize them as rows
-#: of a 2-D view (see ``normalize_rows``); making the view costs more than it saves on fewer.
-ROWS_MIN_CHANNELS = 8
-
 COUNT, OFFSET, M2 = 0, 1, 2
 
 REDUCTION_FASTMATH = {"reassoc", "contract", "nsz"}
@@ -287,42 +283,6 @@ def apply_reversed(x, out, start, stop, center, scale, shift):
         chunk_start = max(start, chunk_stop - APPLY_CHUNK)
         apply_contiguous(x, out, chunk_start, chunk_stop, center, scale, shift)
         chunk_stop = chunk_start
-
-
-@numba.njit(inline="always")
-def uniform_affine(weight, bias, first_channel, num_channels):
-    """Whether channels ``first_channel, ...`` share one weight and one bias."""
-    for channel in range(first_channel + 1, first_channel + num_channels):
-        if weight[channel] != weight[first_channel] or bias[channel] != bias[first_channel]:
-            return False
-    return True
-
-
-@numba.njit(cache=True)
-def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi, mean_lo, rstd,
-                   weight, bias):  # fmt: skip
-    """Normalize a group's ``num_channels`` channels of ``spatial`` values (at most
-    ``APPLY_CHUNK``) from flat ``start``, the last first; ``first_channel`` indexes ``weight`` and
-    ``bias``, the rest is ``finalize_group``'s.
-
-    The coefficients are folded first (``fold_group``), then each channel is a row of a 2-D view:
-    with channels of a few dozen values the per-channel overhead is half the cost, and that is the
-    cheapest loop Numba makes. Compiled on its own: inlined, it slowed the callers' other paths.
-    (Merging runs of equal rows inside the loop stopped LLVM vectorizing it: callers check
-    ``uniform_affine`` first.)
-    """
-    coefficients = np.empty((num_channels, 3), x.dtype)
-    fold_group(coefficients, 0, first_channel, num_channels, mean_hi, mean_lo, rstd, weight, bias)
-    rows = x[start : start + num_channels * spatial].reshape((num_channels, spatial))
-    for k in range(num_channels - 1, -1, -1):
-        center = coefficients[k, 0]
-        scale = coefficients[k, 1]
-        shift = coefficients[k, 2]
-        source = rows[k]
-        row_start = start + k * spatial
-        target = destination(source, out, row_start, row_start + spatial)
-        for i in range(spatial):
-            target[i] = (source[i] - center) * scale + shift
 
 
 @numba.njit(inline="always")

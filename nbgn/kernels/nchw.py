@@ -9,7 +9,7 @@ Parallel loops only call functions compiled on their own (``normalize_slabs``,
 ``normalize_slabs_patterned``, ``part_moments``, ``apply_part``): the same code inlined into a
 ``prange`` body ran at half the speed. A group whose channels share one weight and bias is normalized
 as one segment; otherwise a channel at a time, or, for short channels, a row of a 2-D view
-(``moments.normalize_rows``) or a flat loop against per-group patterns of weight and bias.
+(``normalize_rows``) or a flat loop against per-group patterns of weight and bias.
 
 Bytes moved per element (``b`` = itemsize): ``normalize_slabs`` reads a slab once for the moments and
 normalizes it while it is still in L2, so it moves ``2b`` to and from memory when the slab fits in L2
@@ -22,7 +22,6 @@ import numpy as np
 from ._compile import parallel_and_serial
 from .moments import (
     APPLY_CHUNK,
-    ROWS_MIN_CHANNELS,
     aligned_full,
     apply_reversed,
     cast_like,
@@ -31,11 +30,60 @@ from .moments import (
     destination,
     finalize_group,
     fold_channel,
+    fold_group,
     merged_group_coefficients,
-    normalize_rows,
     part_bounds,
-    uniform_affine,
 )
+
+
+@numba.njit(inline="always")
+def uniform_affine(weight, bias, first_channel, num_channels):
+    """Whether channels ``first_channel, ...`` share one weight and one bias."""
+    for channel in range(first_channel + 1, first_channel + num_channels):
+        if weight[channel] != weight[first_channel] or bias[channel] != bias[first_channel]:
+            return False
+    return True
+
+
+@numba.njit(cache=True)
+def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi, mean_lo, rstd,
+                   weight, bias):  # fmt: skip
+    """Normalize a group's ``num_channels`` channels of ``spatial`` values (at most
+    ``APPLY_CHUNK``) from flat ``start``, the last first; ``first_channel`` indexes ``weight`` and
+    ``bias``, the rest is ``moments.finalize_group``'s.
+
+    The coefficients are folded first (``moments.fold_group``), then each channel is a row of a 2-D view:
+    with channels of a few dozen values the per-channel overhead is half the cost, and that is the
+    cheapest loop Numba makes. Compiled on its own: inlined, it slowed the callers' other paths.
+    (Merging runs of equal rows inside the loop stopped LLVM vectorizing it: callers check
+    ``uniform_affine`` first.)
+    """
+    coefficients = np.empty((num_channels, 3), x.dtype)
+    fold_group(coefficients, 0, first_channel, num_channels, mean_hi, mean_lo, rstd, weight, bias)
+    rows = x[start : start + num_channels * spatial].reshape((num_channels, spatial))
+    for k in range(num_channels - 1, -1, -1):
+        center = coefficients[k, 0]
+        scale = coefficients[k, 1]
+        shift = coefficients[k, 2]
+        source = rows[k]
+        row_start = start + k * spatial
+        target = destination(source, out, row_start, row_start + spatial)
+        for i in range(spatial):
+            target[i] = (source[i] - center) * scale + shift
+
+
+#: Groups of at least this many channels of at most ``APPLY_CHUNK`` values normalize them as rows
+#: of a 2-D view (see ``normalize_rows``); making the view costs more than it saves on fewer.
+ROWS_MIN_CHANNELS = 8
+
+
+@numba.njit(inline="always")
+def normalize_segment(x, out, slab_start, slab_length, channel, mean_hi, mean_lo, rstd, weight,
+                      bias):  # fmt: skip
+    """Normalize a whole slab whose channels all have ``channel``'s weight and bias (see
+    ``uniform_affine``): one segment, one loop."""
+    center, scale, shift = fold_channel(mean_hi, mean_lo, rstd, weight[channel], bias[channel], x)
+    apply_reversed(x, out, slab_start, slab_start + slab_length, center, scale, shift)
 
 
 @numba.njit(cache=True)
@@ -54,11 +102,8 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
         mean_hi, mean_lo, _, rstd = finalize_group(ref, stats[0, 0], stats[0, 1], stats[0, 2], eps)
         first_channel = (slab % num_groups) * channels_per_group
         if uniform_affine(weight, bias, first_channel, channels_per_group):
-            # One weight and bias (none given): the whole slab is one segment.
-            center, scale, shift = fold_channel(
-                mean_hi, mean_lo, rstd, weight[first_channel], bias[first_channel], x
-            )
-            apply_reversed(x, out, slab_start, slab_start + slab_length, center, scale, shift)
+            normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
+                              rstd, weight, bias)  # fmt: skip
         elif out is None and channels_per_group >= ROWS_MIN_CHANNELS and spatial <= APPLY_CHUNK:
             # In place only: writing rows of a separate output measured slower than channels.
             normalize_rows(x, out, slab_start, spatial, first_channel, channels_per_group, mean_hi,
@@ -103,10 +148,8 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
         mean_hi, mean_lo, _, rstd = finalize_group(ref, stats[0, 0], stats[0, 1], stats[0, 2], eps)
         first_channel = group * channels_per_group
         if uniform_affine(weight, bias, first_channel, channels_per_group):
-            center, scale, shift = fold_channel(
-                mean_hi, mean_lo, rstd, weight[first_channel], bias[first_channel], x
-            )
-            apply_reversed(x, out, slab_start, slab_start + slab_length, center, scale, shift)
+            normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
+                              rstd, weight, bias)  # fmt: skip
             continue
         if group != pattern_group:
             pattern_group = group
