@@ -26,6 +26,7 @@ import numpy as np
 
 from ._compile import parallel_and_serial
 from .moments import (
+    APPLY_CHUNK,
     REDUCTION_FASTMATH,
     aligned_full,
     cast_like,
@@ -348,7 +349,7 @@ def apply_row(x, out, start, width, center, scale, shift):
 @numba.njit(cache=True, fastmath={"contract"})  # (x - c) * a + b as one rounding: fma
 def apply_positions(x, out, sample_start, first_position, stop_position, channels, coefficients,
                     lane_space):  # fmt: skip
-    """Normalize positions ``[first_position, stop_position)`` of one sample, last rows first.
+    """Normalize positions ``[first_position, stop_position)`` of one sample, last chunks first.
 
     ``coefficients`` holds the sample's ``(center, scale, shift)`` per channel, shape ``(C, 3)``;
     they are spread over the lanes in ``lane_space`` (from ``lane_scratch``, 64-byte aligned).
@@ -377,29 +378,42 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
 
     tail = total - skew - full_rows * width
     apply_row(x, out, rows_start + full_rows * width, tail, center, scale, shift)
-    for r in range(full_rows - 1, 4 * quarter - 1, -1):
-        apply_row(x, out, rows_start + r * width, width, center, scale, shift)
-    for r in range(quarter - 1, -1, -1):
-        starts = (
-            rows_start + r * width,
-            rows_start + (r + quarter) * width,
-            rows_start + (r + 2 * quarter) * width,
-            rows_start + (r + 3 * quarter) * width,
-        )
-        source0 = x[starts[0] : starts[0] + width]
-        source1 = x[starts[1] : starts[1] + width]
-        source2 = x[starts[2] : starts[2] + width]
-        source3 = x[starts[3] : starts[3] + width]
-        target0 = destination(source0, out, starts[0], starts[0] + width)
-        target1 = destination(source1, out, starts[1], starts[1] + width)
-        target2 = destination(source2, out, starts[2], starts[2] + width)
-        target3 = destination(source3, out, starts[3], starts[3] + width)
-        for j in range(width):
-            c, a, b = center[j], scale[j], shift[j]
-            target0[j] = (source0[j] - c) * a + b
-            target1[j] = (source1[j] - c) * a + b
-            target2[j] = (source2[j] - c) * a + b
-            target3[j] = (source3[j] - c) * a + b
+    # Backwards a chunk of rows at a time, each chunk forwards: the prefetchers follow ascending
+    # runs of a chunk's length, not rows that step back every few dozen cache lines (one row at a
+    # time, in reverse, ran a 16 MiB float64 part at 0.7 of this speed).
+    chunk_rows = max(1, APPLY_CHUNK // width)
+    chunk_stop = full_rows
+    while chunk_stop > 4 * quarter:
+        chunk_start = max(4 * quarter, chunk_stop - chunk_rows)
+        for r in range(chunk_start, chunk_stop):
+            apply_row(x, out, rows_start + r * width, width, center, scale, shift)
+        chunk_stop = chunk_start
+    sweeps_per_chunk = max(1, chunk_rows // 4)
+    chunk_stop = quarter
+    while chunk_stop > 0:
+        chunk_start = max(0, chunk_stop - sweeps_per_chunk)
+        for r in range(chunk_start, chunk_stop):
+            starts = (
+                rows_start + r * width,
+                rows_start + (r + quarter) * width,
+                rows_start + (r + 2 * quarter) * width,
+                rows_start + (r + 3 * quarter) * width,
+            )
+            source0 = x[starts[0] : starts[0] + width]
+            source1 = x[starts[1] : starts[1] + width]
+            source2 = x[starts[2] : starts[2] + width]
+            source3 = x[starts[3] : starts[3] + width]
+            target0 = destination(source0, out, starts[0], starts[0] + width)
+            target1 = destination(source1, out, starts[1], starts[1] + width)
+            target2 = destination(source2, out, starts[2], starts[2] + width)
+            target3 = destination(source3, out, starts[3], starts[3] + width)
+            for j in range(width):
+                c, a, b = center[j], scale[j], shift[j]
+                target0[j] = (source0[j] - c) * a + b
+                target1[j] = (source1[j] - c) * a + b
+                target2[j] = (source2[j] - c) * a + b
+                target3[j] = (source3[j] - c) * a + b
+        chunk_stop = chunk_start
     # The skew's values are channels 0, 1, ...: the last lanes, since width is a multiple of C.
     apply_row(x, out, range_start, skew, center[width - skew :], scale[width - skew :],
               shift[width - skew :])  # fmt: skip
