@@ -115,6 +115,13 @@ def check_affine(
     data are rounded to float32, a relative change of at most 6e-8. The default arrays are cached
     per (C, default, dtype) and only ever read by the kernels.
     """
+    if (
+        type(values) is np.ndarray
+        and values.dtype is dtype
+        and values.shape == (channels,)
+        and values.flags.c_contiguous
+    ):
+        return values  # the common case, first: a small call's checks are much of its time
     if values is None:
         key = (channels, default, dtype)
         filled = _DEFAULTS.get(key)

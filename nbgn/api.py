@@ -81,7 +81,10 @@ def group_norm(
     if in_place:
         return _run(out, None, geometry, channels_last, weight, bias, eps, affine)
     if out is None:
-        result = _empty_in_order(x, geometry, channels_last)
+        if channels_last == geometry.channels_last:  # x is C-contiguous: so is the result
+            result = np.empty(x.shape, x.dtype)
+        else:
+            result = _empty_in_order(x, geometry, channels_last)
         return _run(x, result, geometry, channels_last, weight, bias, eps, affine)
     if _kernel_order(out, geometry) is channels_last:
         return _run(x, out, geometry, channels_last, weight, bias, eps, affine)
@@ -184,9 +187,18 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     ``affine``: the caller gave a weight or a bias (without, NCHW needs no channel patterns).
     """
     n, c, s, g, _ = geometry
-    source = _flat(x, geometry, channels_last)
-    target = None if out is None else _flat(out, geometry, channels_last)
-    plan = _plan(geometry, channels_last)
+    if channels_last == geometry.channels_last:  # the usual case, without two calls of _flat
+        source = x.ravel()
+        target = None if out is None else out.ravel()
+    else:
+        source = _flat(x, geometry, channels_last)
+        target = None if out is None else _flat(out, geometry, channels_last)
+    # A small call runs serially whatever the threads (see _schedule.plan), without asking.
+    plan = (
+        _schedule.SERIAL
+        if source.size < _schedule.SERIAL_ELEMENTS
+        else _plan(geometry, channels_last)
+    )
     # Moments summed in the input's precision, unless eps is too small for that (see moments).
     sum_type = _NATIVE_SUM_TYPES[source.dtype] if eps >= moments.NATIVE_MIN_EPS else 0.0
     if channels_last:
