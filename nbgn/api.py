@@ -203,7 +203,10 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     sum_type = _NATIVE_SUM_TYPES[source.dtype] if eps >= moments.NATIVE_MIN_EPS else 0.0
     if channels_last:
         dims = (n, s, c, g)
-        fused, serial = nhwc.group_norm_fused, nhwc.group_norm_fused_serial
+        if s * c <= nhwc.SMALL_SAMPLE:  # never split: a part would be below MIN_PART_ELEMENTS
+            fused, serial = nhwc.group_norm_small, nhwc.group_norm_small_serial
+        else:
+            fused, serial = nhwc.group_norm_fused, nhwc.group_norm_fused_serial
         split = nhwc.group_norm_split
     else:
         dims = (n, c, s, g)

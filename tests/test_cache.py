@@ -56,3 +56,40 @@ def test_concurrent_processes_share_a_cold_cache(tmp_path):
     warm = [_start(tmp_path) for _ in range(4)]
     for process in warm:
         assert all(hits > 0 and misses == 0 for hits, misses in _finish(process))
+
+
+COMPILED = (
+    "import json, sys, numpy as np, nbgn\n"
+    "from nbgn.kernels import nchw, nhwc\n"
+    "shape = tuple(int(v) for v in sys.argv[1].split(','))\n"
+    "x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)\n"
+    "nbgn.group_norm(x, 4, layout='NHWC')\n"
+    "names = {'small': nhwc.normalize_small_samples, 'lanes': nhwc.normalize_samples,\n"
+    "         'slabs': nchw.normalize_slabs, 'split': nhwc.group_norm_split}\n"
+    "print(json.dumps({k: len(v.signatures) for k, v in names.items()}))\n"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("shape", "expected"),
+    [
+        # Samples of 128 values: the channels-first path, through NCHW's slabs; no lanes.
+        ((2, 4, 4, 8), {"small": 1, "lanes": 0, "slabs": 1, "split": 0}),
+        # Samples of 32K values: the lanes only.
+        ((4, 64, 64, 8), {"small": 0, "lanes": 1, "slabs": 0, "split": 0}),
+    ],
+)
+def test_cold_cache_compiles_only_what_the_call_needs(tmp_path, shape, expected):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    result = subprocess.run(
+        [sys.executable, "-c", COMPILED, ",".join(map(str, shape))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    import json
+
+    assert json.loads(result.stdout) == expected

@@ -16,8 +16,9 @@ contiguous run (``moments.contiguous_moments``).
 
 Work is split into ``num_chunks`` contiguous runs of samples, one per thread, so that each thread
 allocates its scratch once rather than once per sample; samples of at most ``SMALL_SAMPLE`` values
-are normalized channels first, in batches. Parallel loops only call functions compiled on their
-own (``normalize_samples``, ``part_moments``, ``apply_part``): the same code inlined into a
+are normalized channels first, in batches, by a kernel of their own (``group_norm_small``).
+Parallel loops only call functions compiled on their own (``normalize_samples``,
+``normalize_small_samples``, ``part_moments``, ``apply_part``): the same code inlined into a
 ``prange`` body ran at half the speed.
 """
 
@@ -455,10 +456,6 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
     then its normalization while it is still in cache. Arguments as for ``_group_norm_fused``."""
     channels_per_group = channels // num_groups
     sample_length = spatial * channels
-    if sample_length <= SMALL_SAMPLE:
-        normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
-                                weight, bias, eps, sum_type)  # fmt: skip
-        return
     lane_space, wide, lane_group = lane_scratch(spatial, channels, num_groups, sum_type)
     stats = np.empty((num_groups, 3))
     coefficients = np.empty((channels, 3), x.dtype)
@@ -500,6 +497,20 @@ def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight
 
 
 group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
+
+
+def _group_norm_small(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
+                      sum_type, num_chunks):  # fmt: skip
+    """``_group_norm_fused`` for samples of at most ``SMALL_SAMPLE`` values, through
+    ``normalize_small_samples``. A kernel of its own, so that a first call compiles either the
+    channels-first path or the lanes, not both."""
+    for chunk in numba.prange(num_chunks):
+        first_sample, stop_sample = chunk_bounds(num_samples, num_chunks, chunk)
+        normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
+                                weight, bias, eps, sum_type)  # fmt: skip
+
+
+group_norm_small, group_norm_small_serial = parallel_and_serial(_group_norm_small)
 
 
 @numba.njit(cache=True)
