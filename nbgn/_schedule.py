@@ -16,6 +16,9 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
   serially.
 - NCHW float32 slabs of many short channels with their own weights go through per-group weight
   patterns (``channel_patterns``): one flat loop per slab instead of one per channel.
+- NCHW slabs of at most ``nchw.SHORT_SLAB`` values (spatial dimensions of a few values, or none)
+  are normalized in batches (``nchw.normalize_short_slabs``): a short slab costs the latency of its
+  divisions and square root, which a batch overlaps.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import math
 from typing import NamedTuple
 
 from . import _threading
+from .kernels.nchw import SHORT_SLAB
 
 #: Below this many elements a parallel launch costs more than it saves (measured: ~3 us launch,
 #: ~4 us for 32K elements on one core).
@@ -94,11 +98,14 @@ def channel_patterns(
     sample of that group in its run: worth it from two samples on. Measured on float32 channels of
     49 values, one thread: 226 -> 168 us in place for (16, 2048, 7, 7)/32. Not for float64 (the
     extra loads cost more than the loop setup saves) nor for channels beyond
-    ``PATTERN_MAX_SPATIAL`` values (196: slower).
+    ``PATTERN_MAX_SPATIAL`` values (196: slower), nor for slabs of at most ``SHORT_SLAB`` values,
+    which ``nchw.normalize_short_slabs`` takes in batches (one thread, (64, 512)/32: 85 -> 28 us;
+    (8, 256, 4, 4)/32: 14 -> 11 us).
     """
     return (
         itemsize == 4
         and spatial <= PATTERN_MAX_SPATIAL
         and channels_per_group >= PATTERN_MIN_CHANNELS
         and num_samples >= 2
+        and channels_per_group * spatial > SHORT_SLAB
     )

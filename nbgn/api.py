@@ -120,6 +120,9 @@ def group_moments(
         x = np.ascontiguousarray(x)
         channels_last = geometry.channels_last
     flat = _flat(x, geometry, channels_last)
+    # One value per channel: (N, C) memory, the same in both layouts; the NCHW kernels' slabs are
+    # then the groups' contiguous channels.
+    channels_last = channels_last and geometry.spatial > 1
     parallel, parts, _ = _plan(geometry, channels_last)
     # The moments a caller asks for are summed in float64 throughout: exact to float64 rounding.
     if parallel:
@@ -193,6 +196,7 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     else:
         source = _flat(x, geometry, channels_last)
         target = None if out is None else _flat(out, geometry, channels_last)
+    channels_last = channels_last and s > 1  # one value per channel: see group_moments
     # A small call runs serially whatever the threads (see _schedule.plan), without asking.
     plan = (
         _schedule.SERIAL

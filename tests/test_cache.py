@@ -74,8 +74,8 @@ COMPILED = (
 @pytest.mark.parametrize(
     ("shape", "expected"),
     [
-        # Samples of 128 values: the channels-first path, through NCHW's slabs; no lanes.
-        ((2, 4, 4, 8), {"small": 1, "lanes": 0, "slabs": 1, "split": 0}),
+        # Samples of 128 values: the small-sample path only; no lanes, nothing of NCHW's.
+        ((2, 4, 4, 8), {"small": 1, "lanes": 0, "slabs": 0, "split": 0}),
         # Samples of 32K values: the lanes only.
         ((4, 64, 64, 8), {"small": 0, "lanes": 1, "slabs": 0, "split": 0}),
     ],

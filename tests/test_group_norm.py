@@ -3,10 +3,17 @@
 import numba
 import numpy as np
 import pytest
-from reference import make_input, reference_group_norm, to_channels_first, tolerance
+from reference import (
+    from_channels_first,
+    make_input,
+    reference_group_norm,
+    to_channels_first,
+    tolerance,
+)
 
 import nbgn
 from nbgn import _schedule
+from nbgn.kernels import nchw
 
 SHAPES = [(3, 8), (2, 8, 5), (2, 8, 5, 6), (2, 8, 3, 4, 5)]  # (N, C, *spatial), 0 to 3 spatial dims
 DTYPES = [np.float32, np.float64]
@@ -272,8 +279,8 @@ def test_any_buffer_alignment(rng, monkeypatch, dtype, channels, split):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_many_small_channels_last_samples(rng, dtype):
-    """Small NHWC samples are normalized channels first in batches: 150 samples make two full
-    batches and a partial one, and a NaN in one sample stays in that sample's group."""
+    """Many small NHWC samples (nhwc.normalize_small_samples, serial then parallel runs of
+    samples), far from zero: a NaN in one sample stays in that sample's group."""
     x = make_input((150, 6, 3, 3), "NHWC", dtype, rng, offset=3.0)
     x[97, 1, 2, 4] = np.nan  # sample 97, channel 4: group 2 of 3
     weight, bias = _affine(rng, 6, True)
@@ -286,7 +293,7 @@ def test_many_small_channels_last_samples(rng, dtype):
     np.testing.assert_allclose(x, expected, atol=tolerance(dtype))
 
 
-@pytest.mark.parametrize(("shape", "groups"), [((4, 16, 5, 5), 2), ((16, 256, 7, 7), 32)])
+@pytest.mark.parametrize(("shape", "groups"), [((4, 16, 6, 6), 2), ((16, 256, 7, 7), 32)])
 def test_channel_patterns_path(rng, shape, groups):
     """float32 NCHW with many short channels and per-channel weights: the patterned kernel
     (serial, then parallel on 2+ threads), far from zero, with a constant group (exactly bias,
@@ -310,3 +317,45 @@ def test_channel_patterns_path(rng, shape, groups):
     np.testing.assert_allclose(result, expected, atol=tolerance(np.float32))
     nbgn.group_norm(x, groups, weight, bias, eps=0.0, out=x)
     np.testing.assert_allclose(x, expected, atol=tolerance(np.float32))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    # Short slabs (nchw.SHORT_SLAB): no spatial dims, one value, a few, the limit; serial, then
+    # parallel (more than SERIAL_ELEMENTS) with more slabs than a batch.
+    [((8, 64), 32), ((8, 64, 1, 1), 8), ((6, 12, 2, 3), 3), ((4, 32, 8, 8), 8), ((64, 1024), 32)],
+)
+def test_short_slabs_path(rng, shape, groups, dtype, layout):
+    """Slabs of at most SHORT_SLAB values, in batches: far from zero, with an outlier as a group's
+    first value (its pivot does not stand: the general moments take that group), a constant group
+    (exactly bias, eps=0), a NaN group and an Inf group among normal ones."""
+    n, c = shape[:2]
+    per_group = c // groups
+    assert per_group * int(np.prod(shape[2:])) <= nchw.SHORT_SLAB
+    assert not _schedule.channel_patterns(n, per_group, int(np.prod(shape[2:])), 4)
+    x = to_channels_first(make_input(shape, layout, dtype, rng, offset=3e3), layout)
+    first_position = (0,) * (len(shape) - 2)
+    last_position = tuple(d - 1 for d in shape[2:])
+    x[0, :per_group] = 7.25  # sample 0, group 0: constant
+    x[(1, per_group, *first_position)] = np.nan  # sample 1, group 1
+    x[(2, 0, *first_position)] = 3e3 + 1e5  # sample 2, group 0: an outlier first value
+    x[(3, c - 1, *last_position)] = np.inf  # sample 3, last group
+    x = np.ascontiguousarray(from_channels_first(x, layout))
+    weight, bias = _affine(rng, c, True)
+    expected = reference_group_norm(x, groups, weight, bias, 0.0, layout)
+    result = nbgn.group_norm(x, groups, weight, bias, eps=0.0, layout=layout)
+    first = to_channels_first(result, layout)
+    constant = np.broadcast_to(bias[:per_group].reshape(-1, *([1] * (len(shape) - 2))),
+                               (per_group, *shape[2:]))  # fmt: skip
+    np.testing.assert_array_equal(first[0, :per_group], constant.astype(dtype))
+    assert np.isnan(first[1, per_group : 2 * per_group]).all()
+    assert np.isnan(first[3, c - per_group :]).all()
+    assert np.isnan(result).sum() == 2 * per_group * int(np.prod(shape[2:]))
+    expected_first = to_channels_first(expected, layout)
+    expected_first[0, :per_group] = constant  # 0 / sqrt(0) in the reference: nbgn gives the bias
+    finite = np.isfinite(expected_first)
+    np.testing.assert_allclose(first[finite], expected_first[finite], atol=tolerance(dtype))
+    nbgn.group_norm(x, groups, weight, bias, eps=0.0, layout=layout, out=x)
+    np.testing.assert_array_equal(x, result)

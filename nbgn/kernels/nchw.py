@@ -23,6 +23,7 @@ from ._compile import parallel_and_serial
 from .moments import (
     APPLY_CHUNK,
     aligned_full,
+    apply_contiguous,
     apply_reversed,
     cast_like,
     chunk_bounds,
@@ -33,6 +34,7 @@ from .moments import (
     fold_group,
     merged_group_coefficients,
     part_bounds,
+    shifted_sums,
 )
 
 
@@ -72,6 +74,24 @@ def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi,
             target[i] = (source[i] - center) * scale + shift
 
 
+@numba.njit(inline="always")
+def normalize_values(x, out, start, first_channel, num_channels, mean_hi, mean_lo, rstd, weight,
+                     bias):  # fmt: skip
+    """Normalize a group of channels of one value each (no spatial dimensions): one flat loop
+    against the group's slices of ``weight`` and ``bias``, the fold of ``fold_channel`` written out
+    per value (a loop per channel of one value cost 30-110 ns a group)."""
+    center = cast_like(mean_hi, x)
+    residual = (mean_hi - np.float64(center)) + mean_lo
+    typed_rstd = cast_like(rstd, x)
+    offset = cast_like(residual * rstd, x)
+    source = x[start : start + num_channels]
+    target = destination(source, out, start, start + num_channels)
+    scales = weight[first_channel : first_channel + num_channels]
+    shifts = bias[first_channel : first_channel + num_channels]
+    for k in range(num_channels):
+        target[k] = ((source[k] - center) * typed_rstd - offset) * scales[k] + shifts[k]
+
+
 #: Groups of at least this many channels of at most ``APPLY_CHUNK`` values normalize them as rows
 #: of a 2-D view (see ``normalize_rows``); making the view costs more than it saves on fewer.
 ROWS_MIN_CHANNELS = 8
@@ -86,6 +106,70 @@ def normalize_segment(x, out, slab_start, slab_length, channel, mean_hi, mean_lo
     apply_reversed(x, out, slab_start, slab_start + slab_length, center, scale, shift)
 
 
+#: Slabs of at most this many values take ``normalize_short_slabs``.
+SHORT_SLAB = 256
+
+#: Short slabs whose moments are summed, then finished, then applied together.
+SHORT_BATCH = 64
+
+
+@numba.njit(cache=True)
+def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups, weight,
+                          bias, eps):  # fmt: skip
+    """``normalize_slabs`` for slabs of at most ``SHORT_SLAB`` values, ``SHORT_BATCH`` at a time.
+
+    A short slab's cost is the chain from its sums through two divisions and a square root to its
+    coefficients (~50 ns a slab one after the other). Batched, the chains of different slabs
+    overlap: each slab's float64 shifted sums about its first value, then every slab's mean and
+    ``rstd``, then the normalization.
+
+    No pivot check is needed: no value lies more than ``sqrt(n - 1)`` standard deviations from
+    the mean of ``n`` (Samuelson's inequality), so ``s2`` is at most ``n`` times ``m2`` and
+    ``m2 = s2 - s1**2 / n`` loses at most ``log2(SHORT_SLAB)`` = 8 of float64's 53 bits. NaN and
+    Inf make the slab's ``m2`` NaN, as in ``moments.contiguous_moments``.
+    """
+    channels_per_group = channels // num_groups
+    slab_length = channels_per_group * spatial
+    # Per slab of a batch: its sums (s1, s2), then its (mean_hi, mean_lo, rstd). One allocation:
+    # a tiny call's three took a seventh of its kernel time.
+    scratch = np.empty((min(SHORT_BATCH, stop_slab - first_slab), 3))
+    for batch_start in range(first_slab, stop_slab, SHORT_BATCH):
+        batch = min(SHORT_BATCH, stop_slab - batch_start)
+        for i in range(batch):
+            start = (batch_start + i) * slab_length
+            s1, s2 = shifted_sums(x[start : start + slab_length], np.float64(x[start]))
+            scratch[i, 0] = s1
+            scratch[i, 1] = s2
+        for i in range(batch):
+            slab_start = (batch_start + i) * slab_length
+            ref = np.float64(x[slab_start])
+            s1 = scratch[i, 0]
+            offset = s1 / slab_length
+            m2 = scratch[i, 1] - s1 * offset
+            mean_hi, mean_lo, _, rstd = finalize_group(ref, slab_length, offset, m2, eps)
+            scratch[i, 0] = mean_hi
+            scratch[i, 1] = mean_lo
+            scratch[i, 2] = rstd
+        for i in range(batch):
+            slab = batch_start + i
+            slab_start = slab * slab_length
+            mean_hi = scratch[i, 0]
+            mean_lo = scratch[i, 1]
+            rstd = scratch[i, 2]
+            first_channel = (slab % num_groups) * channels_per_group
+            if spatial == 1:
+                normalize_values(x, out, slab_start, first_channel, channels_per_group, mean_hi,
+                                 mean_lo, rstd, weight, bias)  # fmt: skip
+                continue
+            for k in range(channels_per_group):
+                channel = first_channel + k
+                center, scale, shift = fold_channel(
+                    mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
+                )
+                apply_contiguous(x, out, slab_start + k * spatial, slab_start + (k + 1) * spatial,
+                                 center, scale, shift)  # fmt: skip
+
+
 @numba.njit(cache=True)
 def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups, weight, bias,
                     eps, sum_type):  # fmt: skip
@@ -93,6 +177,10 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
     its normalization while it is still in cache. Arguments as for ``_group_norm_fused``."""
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
+    if slab_length <= SHORT_SLAB:
+        normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups,
+                              weight, bias, eps)  # fmt: skip
+        return
     stats = np.empty((1, 3))
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
@@ -104,6 +192,9 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
         if uniform_affine(weight, bias, first_channel, channels_per_group):
             normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
                               rstd, weight, bias)  # fmt: skip
+        elif spatial == 1:
+            normalize_values(x, out, slab_start, first_channel, channels_per_group, mean_hi,
+                             mean_lo, rstd, weight, bias)  # fmt: skip
         elif out is None and channels_per_group >= ROWS_MIN_CHANNELS and spatial <= APPLY_CHUNK:
             # In place only: writing rows of a separate output measured slower than channels.
             normalize_rows(x, out, slab_start, spatial, first_channel, channels_per_group, mean_hi,

@@ -16,7 +16,7 @@ contiguous run (``moments.contiguous_moments``).
 
 Work is split into ``num_chunks`` contiguous runs of samples, one per thread, so that each thread
 allocates its scratch once rather than once per sample; samples of at most ``SMALL_SAMPLE`` values
-are normalized channels first, in batches, by a kernel of their own (``group_norm_small``).
+are normalized row by row, without lanes, by a kernel of their own (``group_norm_small``).
 Parallel loops only call functions compiled on their own (``normalize_samples``,
 ``normalize_small_samples``, ``part_moments``, ``apply_part``): the same code inlined into a
 ``prange`` body ran at half the speed.
@@ -35,24 +35,25 @@ from .moments import (
     contiguous_moments,
     destination,
     finalize_group,
+    fold_channel,
     fold_group,
     merge_shifted_sums,
     merged_group_coefficients,
     part_bounds,
     pivot_stands,
 )
-from .nchw import normalize_slabs
 
 #: Lanes per row to aim for: enough for several 512-bit vectors when there are few channels.
 MIN_LANES = 256
 
-#: Samples of at most this many values go through a channels-first copy (``normalize_small_samples``):
-#: the lanes' fixed cost per sample, about a microsecond, is more than such a sample's whole work.
+#: Samples of at most this many values go through ``normalize_small_samples``, without lanes: the
+#: lanes' fixed cost per sample, about a microsecond, is more than such a sample's whole work.
 SMALL_SAMPLE = 1024
 
-#: Small samples copied and normalized together: one ``normalize_slabs`` call for up to this many
-#: (its fixed cost, ~0.1 us, is a tenth of a small sample's time), in 256 KiB of float32 at most.
-SMALL_BATCH = 64
+#: Values per row of a small sample, at least (whole positions): rows of one position of a few
+#: channels pay a loop's setup for every position. Measured on samples of 3 to 64 channels; longer
+#: rows cost more per sample (lane bookkeeping) than they save.
+SMALL_ROW = 12
 
 #: Sweeps (of four rows) per block: each lane adds 32 sums of four values before the flush to
 #: float64, about as precise as ``moments.BLOCK``; the flush (~4 operations a lane) costs ~3%.
@@ -422,31 +423,78 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
 
 @numba.njit(cache=True)
 def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
-                            weight, bias, eps, sum_type):  # fmt: skip
-    """``normalize_samples`` for samples of at most ``SMALL_SAMPLE`` values: up to
-    ``SMALL_BATCH`` of them at a time are copied channels first, normalized there by one call of
-    ``nchw.normalize_slabs``, and copied back."""
+                            weight, bias, eps):  # fmt: skip
+    """``normalize_samples`` for samples of at most ``SMALL_SAMPLE`` values, with short lanes: rows
+    of ``k`` positions (``k * C`` values, at least ``SMALL_ROW`` where the sample allows), float64
+    sums per lane, added up per group; then the rows normalized with per-lane coefficients.
+
+    Each group's sums are shifted by its first value, which no value of the group exceeds by more
+    than ``sqrt(n - 1)`` standard deviations (Samuelson's inequality): ``m2 = s2 - s1**2 / n``
+    loses at most ``log2(SMALL_SAMPLE)`` of float64's 53 bits, and needs no pivot check.
+    """
+    channels_per_group = channels // num_groups
     sample_length = spatial * channels
-    batch = min(SMALL_BATCH, stop_sample - first_sample)
-    channels_first = np.empty(batch * sample_length, x.dtype)
-    for batch_start in range(first_sample, stop_sample, batch):
-        batch_stop = min(batch_start + batch, stop_sample)
-        for n in range(batch_start, batch_stop):
-            source = x[n * sample_length : (n + 1) * sample_length]
-            copy = channels_first[(n - batch_start) * sample_length :]
-            for p in range(spatial):
-                for c in range(channels):
-                    copy[c * spatial + p] = source[p * channels + c]
-        normalize_slabs(channels_first, None, 0, (batch_stop - batch_start) * num_groups,
-                        channels, spatial, num_groups, weight, bias, eps, sum_type)  # fmt: skip
-        for n in range(batch_start, batch_stop):
-            sample_start = n * sample_length
-            source = x[sample_start : sample_start + sample_length]
-            target = destination(source, out, sample_start, sample_start + sample_length)
-            copy = channels_first[(n - batch_start) * sample_length :]
-            for p in range(spatial):
-                for c in range(channels):
-                    target[p * channels + c] = copy[c * spatial + p]
+    count = channels_per_group * spatial
+    row_positions = min(spatial, max(1, SMALL_ROW // channels))
+    width = row_positions * channels
+    full_rows = spatial // row_positions
+    tail = sample_length - full_rows * width
+    lanes = np.empty((3, width))  # per lane: its group's first value, s1, s2
+    coefficients = np.empty((3, width), x.dtype)  # per lane: center, scale, shift
+    pivot, s1, s2 = lanes[0], lanes[1], lanes[2]
+    center, scale, shift = coefficients[0], coefficients[1], coefficients[2]
+    # Each lane's offset from its group's first value (lane j holds channel j % C).
+    group_first = np.empty(width, np.int64)
+    for lane in range(width):
+        channel = lane % channels
+        group_first[lane] = channel - channel % channels_per_group
+    for n in range(first_sample, stop_sample):
+        sample_start = n * sample_length
+        sample = x[sample_start : sample_start + sample_length]
+        for lane in range(width):
+            pivot[lane] = sample[group_first[lane]]
+        s1[:] = 0.0
+        s2[:] = 0.0
+        for r in range(full_rows):
+            row = x[sample_start + r * width : sample_start + (r + 1) * width]
+            for j in range(width):
+                d = np.float64(row[j]) - pivot[j]
+                s1[j] += d
+                s2[j] += d * d
+        row = x[sample_start + full_rows * width : sample_start + sample_length]
+        for j in range(tail):
+            d = np.float64(row[j]) - pivot[j]
+            s1[j] += d
+            s2[j] += d * d
+        for lane in range(channels, width):  # per channel: its lanes' sums, into lanes 0..C-1
+            s1[lane % channels] += s1[lane]
+            s2[lane % channels] += s2[lane]
+        for g in range(num_groups):
+            first = g * channels_per_group
+            group_s1 = 0.0
+            group_s2 = 0.0
+            for c in range(first, first + channels_per_group):
+                group_s1 += s1[c]
+                group_s2 += s2[c]
+            offset = group_s1 / count
+            mean_hi, mean_lo, _, rstd = finalize_group(
+                pivot[first], count, offset, group_s2 - group_s1 * offset, eps
+            )
+            for c in range(first, first + channels_per_group):
+                center[c], scale[c], shift[c] = fold_channel(
+                    mean_hi, mean_lo, rstd, weight[c], bias[c], x
+                )
+        for lane in range(channels, width):
+            center[lane] = center[lane - channels]
+            scale[lane] = scale[lane - channels]
+            shift[lane] = shift[lane - channels]
+        for r in range(full_rows + 1):
+            row_start = sample_start + r * width
+            row_stop = min(row_start + width, sample_start + sample_length)
+            source = x[row_start:row_stop]
+            target = destination(source, out, row_start, row_stop)
+            for j in range(row_stop - row_start):
+                target[j] = (source[j] - center[j]) * scale[j] + shift[j]
 
 
 @numba.njit(cache=True)
@@ -507,7 +555,7 @@ def _group_norm_small(x, out, num_samples, spatial, channels, num_groups, weight
     for chunk in numba.prange(num_chunks):
         first_sample, stop_sample = chunk_bounds(num_samples, num_chunks, chunk)
         normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
-                                weight, bias, eps, sum_type)  # fmt: skip
+                                weight, bias, eps)  # fmt: skip
 
 
 group_norm_small, group_norm_small_serial = parallel_and_serial(_group_norm_small)
