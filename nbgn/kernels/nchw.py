@@ -75,21 +75,29 @@ def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi,
 
 
 @numba.njit(inline="always")
-def normalize_values(x, out, start, first_channel, num_channels, mean_hi, mean_lo, rstd, weight,
-                     bias):  # fmt: skip
-    """Normalize a group of channels of one value each (no spatial dimensions): one flat loop
-    against the group's slices of ``weight`` and ``bias``, the fold of ``fold_channel`` written out
-    per value (a loop per channel of one value cost 30-110 ns a group)."""
+def normalize_against(x, out, start, length, mean_hi, mean_lo, rstd, scales, shifts):
+    """Normalize ``length`` values from ``x[start]`` with per-value ``scales`` and ``shifts`` (a
+    group's weights and biases, one per value): one flat loop, ``((x - center) * rstd - offset) *
+    scale + shift``, where ``offset`` is the mean's rounding residual times ``rstd`` (the fold of
+    ``fold_channel``, written out per value)."""
     center = cast_like(mean_hi, x)
     residual = (mean_hi - np.float64(center)) + mean_lo
     typed_rstd = cast_like(rstd, x)
     offset = cast_like(residual * rstd, x)
-    source = x[start : start + num_channels]
-    target = destination(source, out, start, start + num_channels)
-    scales = weight[first_channel : first_channel + num_channels]
-    shifts = bias[first_channel : first_channel + num_channels]
-    for k in range(num_channels):
-        target[k] = ((source[k] - center) * typed_rstd - offset) * scales[k] + shifts[k]
+    source = x[start : start + length]
+    target = destination(source, out, start, start + length)
+    for i in range(length):
+        target[i] = ((source[i] - center) * typed_rstd - offset) * scales[i] + shifts[i]
+
+
+@numba.njit(inline="always")
+def normalize_values(x, out, start, first_channel, num_channels, mean_hi, mean_lo, rstd, weight,
+                     bias):  # fmt: skip
+    """Normalize a group of channels of one value each (no spatial dimensions) against its slices
+    of ``weight`` and ``bias`` (a loop per channel of one value cost 30-110 ns a group)."""
+    last = first_channel + num_channels
+    normalize_against(x, out, start, num_channels, mean_hi, mean_lo, rstd,
+                      weight[first_channel:last], bias[first_channel:last])  # fmt: skip
 
 
 #: Groups of at least this many channels of at most ``APPLY_CHUNK`` values normalize them as rows
@@ -216,10 +224,8 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
     ``[first_item, stop_item)`` in group-major order (item ``g * N + n`` is slab ``n * G + g``).
 
     A group's weight and bias, spread over its slab (``spatial`` copies of each channel's), are
-    built once and serve every sample of the group, so each slab is normalized by one flat loop,
-    ``((x - center) * rstd - offset) * weight + bias`` per value, instead of a loop per channel of
-    a few dozen values. ``offset`` is the mean's rounding residual times ``rstd`` (see
-    ``fold_channel``).
+    built once and serve every sample of the group, so each slab is normalized by one flat loop
+    (``normalize_against``) instead of a loop per channel of a few dozen values.
     """
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
@@ -247,14 +253,8 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
             for k in range(channels_per_group):
                 scale_rows[k] = weight[first_channel + k]
                 shift_rows[k] = bias[first_channel + k]
-        center = cast_like(mean_hi, x)
-        residual = (mean_hi - np.float64(center)) + mean_lo
-        typed_rstd = cast_like(rstd, x)
-        offset = cast_like(residual * rstd, x)
-        source = x[slab_start : slab_start + slab_length]
-        target = destination(source, out, slab_start, slab_start + slab_length)
-        for i in range(slab_length):
-            target[i] = ((source[i] - center) * typed_rstd - offset) * scales[i] + shifts[i]
+        normalize_against(x, out, slab_start, slab_length, mean_hi, mean_lo, rstd, scales,
+                          shifts)  # fmt: skip
 
 
 def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
