@@ -329,8 +329,8 @@ def test_channel_patterns_path(rng, shape, groups):
 )
 def test_short_slabs_path(rng, shape, groups, dtype, layout):
     """Slabs of at most SHORT_SLAB values, in batches: far from zero, with an outlier as a group's
-    first value (its pivot does not stand: the general moments take that group), a constant group
-    (exactly bias, eps=0), a NaN group and an Inf group among normal ones."""
+    first value (in slabs of many values its pivot does not stand, and the slab is summed again),
+    a constant group (exactly bias, eps=0), a NaN group and an Inf group among normal ones."""
     n, c = shape[:2]
     per_group = c // groups
     assert per_group * int(np.prod(shape[2:])) <= nchw.SHORT_SLAB
@@ -359,3 +359,22 @@ def test_short_slabs_path(rng, shape, groups, dtype, layout):
     np.testing.assert_allclose(first[finite], expected_first[finite], atol=tolerance(dtype))
     nbgn.group_norm(x, groups, weight, bias, eps=0.0, layout=layout, out=x)
     np.testing.assert_array_equal(x, result)
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout"),
+    [
+        ((4, 256), "NCHW"),  # one short slab of 256 values per sample
+        ((1, 4, 16, 16), "NHWC"),  # one small sample of 1024 values
+        ((3, 5, 3, 3), "NHWC"),  # small samples in rows of 3 positions and a partial one
+    ],
+)
+def test_outlier_first_value_in_short_paths(rng, shape, layout):
+    """float64, a group's first value 1e5 away (about sqrt(n) standard deviations of the group):
+    summed about that value, s2's rounding reaches the outlier's own output scaled by its distance
+    (2e-12 for 1024 values); the short paths sum such a group again about its mean."""
+    x = make_input(shape, layout, np.float64, rng, offset=3e3)
+    x.reshape(x.shape[0], -1)[:, 0] += 1e5  # the first value of every sample's first group
+    expected = reference_group_norm(x, 1, None, None, 0.0, layout)
+    result = nbgn.group_norm(x, 1, eps=0.0, layout=layout)
+    np.testing.assert_allclose(result, expected, rtol=0, atol=tolerance(np.float64))

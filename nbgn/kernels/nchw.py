@@ -34,6 +34,7 @@ from .moments import (
     fold_group,
     merged_group_coefficients,
     part_bounds,
+    pivot_stands,
     shifted_sums,
 )
 
@@ -131,10 +132,11 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
     overlap: each slab's float64 shifted sums about its first value, then every slab's mean and
     ``rstd``, then the normalization.
 
-    No pivot check is needed: no value lies more than ``sqrt(n - 1)`` standard deviations from
-    the mean of ``n`` (Samuelson's inequality), so ``s2`` is at most ``n`` times ``m2`` and
-    ``m2 = s2 - s1**2 / n`` loses at most ``log2(SHORT_SLAB)`` = 8 of float64's 53 bits. NaN and
-    Inf make the slab's ``m2`` NaN, as in ``moments.contiguous_moments``.
+    A slab whose first value lies more than ``sqrt(REPIVOT)`` standard deviations from its mean
+    is summed again by ``moments.contiguous_moments`` (in float64), which moves the pivot to the
+    mean: the rounding error of ``s2`` grows with that distance, and that value's own output
+    multiplies it by as much again (float64 outputs 2e-12 off with a first value 32 standard
+    deviations out, against 1e-14). NaN and Inf make the slab's output NaN.
     """
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
@@ -152,8 +154,15 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
             slab_start = (batch_start + i) * slab_length
             ref = np.float64(x[slab_start])
             s1 = scratch[i, 0]
-            offset = s1 / slab_length
-            m2 = scratch[i, 1] - s1 * offset
+            s2 = scratch[i, 1]
+            if pivot_stands(slab_length, s1, s2):
+                offset = s1 / slab_length
+                m2 = s2 - s1 * offset
+            else:  # rare: the slab's first value lies far from its mean
+                stats = np.zeros((1, 3))
+                contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, 0, 0.0)
+                offset = stats[0, 1]
+                m2 = stats[0, 2]
             mean_hi, mean_lo, _, rstd = finalize_group(ref, slab_length, offset, m2, eps)
             scratch[i, 0] = mean_hi
             scratch[i, 1] = mean_lo

@@ -428,9 +428,9 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
     of ``k`` positions (``k * C`` values, at least ``SMALL_ROW`` where the sample allows), float64
     sums per lane, added up per group; then the rows normalized with per-lane coefficients.
 
-    Each group's sums are shifted by its first value, which no value of the group exceeds by more
-    than ``sqrt(n - 1)`` standard deviations (Samuelson's inequality): ``m2 = s2 - s1**2 / n``
-    loses at most ``log2(SMALL_SAMPLE)`` of float64's 53 bits, and needs no pivot check.
+    Each group's sums are shifted by its first value; a group whose first value lies more than
+    ``sqrt(REPIVOT)`` standard deviations from its mean is summed again about the mean, as in
+    ``moments.contiguous_moments``.
     """
     channels_per_group = channels // num_groups
     sample_length = spatial * channels
@@ -476,10 +476,25 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
             for c in range(first, first + channels_per_group):
                 group_s1 += s1[c]
                 group_s2 += s2[c]
+            ref = pivot[first]
             offset = group_s1 / count
-            mean_hi, mean_lo, _, rstd = finalize_group(
-                pivot[first], count, offset, group_s2 - group_s1 * offset, eps
-            )
+            m2 = group_s2 - group_s1 * offset
+            if not pivot_stands(count, group_s1, group_s2):
+                # Rare: the group's first value lies far from its mean. Summed again about the
+                # mean, as moments.contiguous_moments would (see normalize_short_slabs).
+                mean = ref + offset
+                group_s1 = 0.0
+                group_s2 = 0.0
+                for p in range(spatial):
+                    values = x[sample_start + p * channels + first :]
+                    for c in range(channels_per_group):
+                        d = np.float64(values[c]) - mean
+                        group_s1 += d
+                        group_s2 += d * d
+                mean_shift = group_s1 / count
+                offset = (mean - ref) + mean_shift
+                m2 = group_s2 - group_s1 * mean_shift
+            mean_hi, mean_lo, _, rstd = finalize_group(ref, count, offset, m2, eps)
             for c in range(first, first + channels_per_group):
                 center[c], scale[c], shift[c] = fold_channel(
                     mean_hi, mean_lo, rstd, weight[c], bias[c], x
