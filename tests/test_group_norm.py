@@ -378,3 +378,25 @@ def test_outlier_first_value_in_short_paths(rng, shape, layout):
     expected = reference_group_norm(x, 1, None, None, 0.0, layout)
     result = nbgn.group_norm(x, 1, eps=0.0, layout=layout)
     np.testing.assert_allclose(result, expected, rtol=0, atol=tolerance(np.float64))
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "layout"),
+    [
+        ((2, 16, 8, 8), 4, "NHWC"),  # samples of SMALL_SAMPLE values: the small-sample path
+        ((2, 5, 205), 5, "NHWC"),  # 1025 values: the lanes
+        ((4, 256), 1, "NCHW"),  # slabs of SHORT_SLAB values: the short path
+        ((4, 257), 1, "NCHW"),  # 257: the general one
+        ((2, 20000, 3, 3), 4, "NHWC"),  # rows wider than APPLY_CHUNK: one row per chunk
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_path_boundaries(rng, shape, groups, layout, dtype):
+    x = make_input(shape, layout, dtype, rng, offset=3.0)
+    weight, bias = _affine(rng, shape[1], True)
+    expected = reference_group_norm(x, groups, weight, bias, 1e-5, layout)
+    np.testing.assert_allclose(
+        nbgn.group_norm(x, groups, weight, bias, layout=layout), expected, atol=tolerance(dtype)
+    )
+    nbgn.group_norm(x, groups, weight, bias, layout=layout, out=x)
+    np.testing.assert_allclose(x, expected, atol=tolerance(dtype))
