@@ -61,14 +61,19 @@ def test_matches_reference(rng, shape, dtype, layout, affine, eps, mode):
 )
 def test_parallel_paths_match_reference(rng, shape, groups, dtype, layout):
     """Large enough for the parallel kernels: fused, and split across threads (few units)."""
-    x = make_input(shape, layout, dtype, rng, offset=-7.0)
-    weight, bias = _affine(rng, shape[1], True)
+    _assert_matches_reference(make_input(shape, layout, dtype, rng, offset=-7.0), groups, layout)
+
+
+def _assert_matches_reference(x, groups, layout):
+    """Allocating, then in place, with per-channel weight and bias, against the reference."""
+    rng = np.random.default_rng(5)
+    weight, bias = _affine(rng, x.shape[1 if layout == "NCHW" else -1], True)
     expected = reference_group_norm(x, groups, weight, bias, 1e-5, layout)
-    np.testing.assert_allclose(
-        nbgn.group_norm(x, groups, weight, bias, layout=layout), expected, atol=tolerance(dtype)
-    )
+    atol = tolerance(x.dtype)
+    np.testing.assert_allclose(nbgn.group_norm(x, groups, weight, bias, layout=layout), expected,
+                               atol=atol)  # fmt: skip
     nbgn.group_norm(x, groups, weight, bias, layout=layout, out=x)
-    np.testing.assert_allclose(x, expected, atol=tolerance(dtype))
+    np.testing.assert_allclose(x, expected, atol=atol)
 
 
 @pytest.mark.parametrize(
@@ -392,11 +397,4 @@ def test_outlier_first_value_in_short_paths(rng, shape, layout):
 )
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_path_boundaries(rng, shape, groups, layout, dtype):
-    x = make_input(shape, layout, dtype, rng, offset=3.0)
-    weight, bias = _affine(rng, shape[1], True)
-    expected = reference_group_norm(x, groups, weight, bias, 1e-5, layout)
-    np.testing.assert_allclose(
-        nbgn.group_norm(x, groups, weight, bias, layout=layout), expected, atol=tolerance(dtype)
-    )
-    nbgn.group_norm(x, groups, weight, bias, layout=layout, out=x)
-    np.testing.assert_allclose(x, expected, atol=tolerance(dtype))
+    _assert_matches_reference(make_input(shape, layout, dtype, rng, offset=3.0), groups, layout)
