@@ -27,16 +27,16 @@ class Geometry(NamedTuple):
 
 
 def check_input(x: Any) -> np.ndarray:
-    """``x`` as an ndarray of float32 or float64 (array-likes are converted, never copied needlessly)."""
-    if not isinstance(x, np.ndarray):
+    """``x`` as a plain ndarray of float32 or float64: array-likes are converted, never copied
+    needlessly, and ndarray subclasses (``np.matrix``, ``np.memmap``) are seen as plain arrays."""
+    if type(x) is not np.ndarray:
+        reject_masked(x, "x")
         x = np.asarray(x)
     if x.dtype not in _FLOAT_DTYPES:
-        kind = {"i": "integer", "u": "unsigned integer", "b": "boolean", "c": "complex"}
-        what = kind.get(x.dtype.kind, "non-float") + f" dtype {x.dtype}"
-        fix = "take the real part first (x.real) and then " if x.dtype.kind == "c" else ""
         raise TypeError(
-            f"x has {what}; nbgn normalizes native float32 or float64 arrays: "
-            f"{fix}convert with x.astype(np.float32) (or np.float64)."
+            f"x has {_describe_dtype(x.dtype)}; nbgn normalizes native float32 or float64 arrays: "
+            f"{'take the real part first (x.real) and then ' if x.dtype.kind == 'c' else ''}"
+            "convert with x.astype(np.float32) (or np.float64)."
         )
     if x.ndim < 2:
         raise ValueError(
@@ -44,6 +44,32 @@ def check_input(x: Any) -> np.ndarray:
             "(N, C, *spatial) or (N, *spatial, C): add a batch axis with x[None]."
         )
     return x
+
+
+def _describe_dtype(dtype: np.dtype) -> str:
+    if dtype.kind == "f":
+        if not dtype.isnative:
+            return f"dtype {dtype}, a float in non-native byte order"
+        return f"dtype {dtype}, a float width nbgn has no kernels for"
+    kind = {"i": "integer", "u": "unsigned integer", "b": "boolean", "c": "complex"}
+    return kind.get(dtype.kind, "non-float") + f" dtype {dtype}"
+
+
+def reject_masked(array: Any, name: str) -> None:
+    """Refuse a masked array: its mask would be silently ignored."""
+    if isinstance(array, np.ma.MaskedArray):
+        fix = (
+            "pass a plain array, e.g. np.asarray(out) to write into its data"
+            if name == "out"
+            else "pass x.filled(value) to normalize filled data, or np.asarray(x) for the raw data"
+        )
+        raise TypeError(f"{name} is a masked array, whose mask nbgn would ignore: {fix}.")
+
+
+def divisors(n: int) -> list[int]:
+    """The positive divisors of ``n``, ascending (``O(sqrt(n))``)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return small + [n // d for d in reversed(small) if d * d != n]
 
 
 def check_geometry(shape: tuple[int, ...], num_groups: Any, layout: Any) -> Geometry:
@@ -67,6 +93,25 @@ def check_geometry(shape: tuple[int, ...], num_groups: Any, layout: Any) -> Geom
 _GEOMETRIES: dict[tuple[tuple[int, ...], int, str], Geometry] = {}
 
 
+def check_count(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` (``num_groups``, ``num_channels``) as a Python int of at least ``minimum``."""
+    what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    if type(value) is int:
+        count = value
+    elif isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be {what}, got {value!r}.")
+    else:
+        try:
+            count = operator.index(value)
+        except TypeError:
+            raise TypeError(
+                f"{name} must be {what}, got {type(value).__name__} {value!r}."
+            ) from None
+    if count < minimum:
+        raise ValueError(f"{name} must be {what}, got {count}.")
+    return count
+
+
 def _check_geometry(shape: tuple[int, ...], num_groups: Any, layout: Any) -> Geometry:
     if layout == "NCHW":
         channels_last = False
@@ -80,25 +125,11 @@ def _check_geometry(shape: tuple[int, ...], num_groups: Any, layout: Any) -> Geo
         raise ValueError(
             f"layout must be 'NCHW' (channels first) or 'NHWC' (channels last), got {layout!r}."
         )
-    if type(num_groups) is int:
-        groups = num_groups
-    elif isinstance(num_groups, (bool, np.bool_)):
-        raise TypeError(f"num_groups must be a positive integer, got {num_groups!r}.")
-    else:
-        try:
-            groups = operator.index(num_groups)
-        except TypeError:
-            raise TypeError(
-                f"num_groups must be a positive integer, got "
-                f"{type(num_groups).__name__} {num_groups!r}."
-            ) from None
-    if groups <= 0:
-        raise ValueError(f"num_groups must be a positive integer, got {groups}.")
+    groups = check_count(num_groups, "num_groups")
     if channels % groups:
-        divisors = [d for d in range(1, channels + 1) if channels % d == 0]
         raise ValueError(
             f"num_groups={groups} does not divide the {channels} channels of x (layout "
-            f"{layout}, shape {shape}); choose one of {divisors}."
+            f"{layout}, shape {shape}); choose one of {divisors(channels)}."
         )
     # tuple.__new__ skips NamedTuple's Python-level constructor: a third of this check's time.
     return tuple.__new__(Geometry, (shape[0], channels, spatial, groups, channels_last))
@@ -171,6 +202,7 @@ def check_out(out: Any, x: np.ndarray) -> bool:
                 "out is read-only: out=x asks for in place on a read-only x; pass out=None for a new array."
             )
         return True
+    reject_masked(out, "out")
     if not isinstance(out, np.ndarray):
         raise TypeError(
             f"out must be a numpy.ndarray, got {type(out).__name__}; "

@@ -65,6 +65,11 @@ def group_norm(
     bias = check_affine(bias, "bias", geometry.channels, 0.0, x.dtype)
     eps = check_eps(eps)
     in_place = out is not None and check_out(out, x)
+    if out is not None and type(out) is not np.ndarray:
+        # An ndarray subclass (np.matrix, np.memmap): written through a plain view of its memory
+        # (its own methods, such as a matrix's ravel, would not give the kernels a flat buffer).
+        group_norm(x, num_groups, weight, bias, eps=eps, layout=layout, out=out.view(np.ndarray))
+        return out
     if x.size == 0:
         return np.empty_like(x) if out is None else out
 

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ._checks import LAYOUTS, check_eps, check_geometry
+from ._checks import LAYOUTS, check_count, check_eps, divisors
 from .api import group_norm
 
 
@@ -41,9 +41,15 @@ class GroupNorm:
             raise ValueError(
                 f"layout must be 'NCHW' (channels first) or 'NHWC' (channels last), got {layout!r}."
             )
-        check_geometry((1, num_channels), num_groups, "NCHW")
-        self.num_groups = int(num_groups)
-        self.num_channels = int(num_channels)
+        groups = check_count(num_groups, "num_groups")
+        channels = check_count(num_channels, "num_channels", minimum=0)
+        if channels % groups:
+            raise ValueError(
+                f"num_groups={groups} does not divide num_channels={channels}; choose one of "
+                f"{divisors(channels)}."
+            )
+        self.num_groups = groups
+        self.num_channels = channels
         self.eps = check_eps(eps)
         self.affine = bool(affine)
         self.layout = layout

@@ -33,8 +33,49 @@ def test_moments_reject_non_float_input(dtype):
 
 def test_byte_swapped_float_is_refused_with_the_fix():
     x = _x().astype(">f4")
-    with pytest.raises(TypeError, match=r"astype\(np\.float32\)"):
+    with pytest.raises(TypeError, match=r"non-native byte order.*astype\(np\.float32\)"):
         nbgn.group_norm(x, 4)
+
+
+def test_float16_is_named_as_a_float_without_kernels():
+    with pytest.raises(TypeError, match=r"float16, a float width nbgn has no kernels for"):
+        nbgn.group_norm(_x(np.float16), 4)
+
+
+def test_masked_arrays_are_refused_before_anything_is_written():
+    data = _x()
+    masked = np.ma.masked_array(data.copy(), mask=data > 1)
+    for call in (
+        lambda: nbgn.group_norm(masked, 4),
+        lambda: nbgn.group_norm(masked, 4, out=masked),
+        lambda: nbgn.group_moments(masked, 4),
+    ):
+        with pytest.raises(TypeError, match=r"x is a masked array.*filled"):
+            call()
+    target = np.ma.masked_array(np.zeros_like(data))
+    with pytest.raises(TypeError, match=r"out is a masked array.*np\.asarray\(out\)"):
+        nbgn.group_norm(data, 4, out=target)
+    np.testing.assert_array_equal(masked.data, data)
+    assert not target.data.any()
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_ndarray_subclasses_are_normalized_as_plain_arrays(tmp_path):
+    """np.matrix and np.memmap: allocating, into out, and in place (written through, returned as
+    given)."""
+    plain = _x(shape=(4, 8))
+    expected = nbgn.group_norm(plain, 2)
+    matrix = np.asmatrix(plain.copy())
+    np.testing.assert_array_equal(nbgn.group_norm(matrix, 2), expected)
+    assert nbgn.group_norm(matrix, 2, out=matrix) is matrix
+    np.testing.assert_array_equal(np.asarray(matrix), expected)
+    mapped = np.memmap(tmp_path / "x.bin", dtype=np.float32, mode="w+", shape=plain.shape)
+    mapped[:] = plain
+    target = np.asmatrix(np.zeros_like(plain))
+    assert nbgn.group_norm(mapped, 2, out=target) is target
+    np.testing.assert_array_equal(np.asarray(target), expected)
+    assert nbgn.group_norm(mapped, 2, out=mapped) is mapped
+    np.testing.assert_array_equal(np.asarray(mapped), expected)
 
 
 # (description, kwargs or callable producing kwargs, error type, message pattern)
@@ -165,8 +206,15 @@ def test_a_second_view_of_the_same_memory_is_in_place():
 
 
 def test_layer_errors():
-    with pytest.raises(ValueError, match="num_groups=3 does not divide the 8 channels"):
+    with pytest.raises(
+        ValueError, match=r"num_groups=3 does not divide num_channels=8; .*\[1, 2, 4, 8\]"
+    ):
         nbgn.GroupNorm(3, 8)
+    # The divisors are found up to the square root: a prime channel count does not take seconds.
+    with pytest.raises(ValueError, match=r"\[1, 11, 909091, 10000001\]"):
+        nbgn.GroupNorm(3, 10_000_001)
+    with pytest.raises(TypeError, match="num_channels must be an integer >= 0, got float"):
+        nbgn.GroupNorm(2, 8.0)
     with pytest.raises(ValueError, match="layout must be"):
         nbgn.GroupNorm(2, 8, layout="CHW")
     with pytest.raises(ValueError, match="eps must be finite"):

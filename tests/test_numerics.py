@@ -157,6 +157,22 @@ def test_float32_spread_beyond_float32_squares(shape, layout):
 
 
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("shape", [(1, 32, 8, 8), (1, 8, 256, 256)])  # serial; parallel
+def test_float32_values_near_the_float32_limit(shape, layout):
+    """Values of 1e38 to 1.1e38, 4 channels a group: a group's sum is beyond float32's range, so
+    nothing may add values up in float32 (the first NHWC pivots, a mean over each group's channels
+    at the first position, once came out inf and the groups NaN)."""
+    rng = np.random.default_rng(8)
+    x = _in_layout(rng.uniform(1.0e38, 1.1e38, shape).astype(np.float32), layout)
+    groups = shape[1] // 4
+    _assert_close_to_reference(x, groups, layout, 2e-5)
+    mean, var = nbgn.group_moments(x, groups, layout=layout)
+    expected_mean, expected_var = reference_moments(x, groups, layout)
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(var, expected_var, rtol=1e-9)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
 @pytest.mark.parametrize("shape", SERIAL_AND_PARALLEL)
 def test_float32_tiny_spread_with_eps_zero(shape, layout):
     """Spread 1e-25 and eps=0: squared deviations underflow float32, so the sums stay float64 and

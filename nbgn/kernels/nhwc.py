@@ -298,7 +298,10 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     rows_start = sample_start + first_position * channels
     for g in range(num_groups):
         first = rows_start + g * channels_per_group
-        group_pivot[g] = cast_like(np.mean(x[first : first + channels_per_group]), group_pivot)
+        total = 0.0  # float64: float32 values near 3e38 would add up to inf, and the group to NaN
+        for c in range(first, first + channels_per_group):
+            total += x[c]
+        group_pivot[g] = cast_like(total / channels_per_group, group_pivot)
     expand_pivots(group_pivot, groups_of_lanes, lanes)
 
     # Blocks of sweeps over the four quarters of the rows, then what the quarters leave, position by
