@@ -1,0 +1,62 @@
+"""Every hot loop vectorizes, in each dtype and layout, in place and out of place: the kernels'
+machine code has packed (256- or 512-bit) arithmetic.
+
+The kernels are compiled in a child process with a fresh ``NUMBA_CACHE_DIR`` (code loaded from the
+cache cannot be inspected) by ``vectorization_probe.py``. A kernel with no packed instruction left
+has lost its vector loops: a dropped fastmath flag on a reduction (``shifted_sums`` compiled
+without ``reassoc`` has none), an alias LLVM cannot rule out, a loop shape it gives up on. A
+kernel with several loops could lose one of them and keep a nonzero count: the per-kernel floors
+below, about half of what LLVM 22 emits, catch the larger losses.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from nbgn._info import info
+
+#: Packed instructions each kernel has at least, whatever the dtype and variant (LLVM 22 emits
+#: roughly twice these).
+FLOORS = {
+    "nchw.normalize_slabs": 90,
+    "nchw.normalize_short_slabs": 45,
+    "nchw.normalize_slabs_patterned": 35,
+    "nchw.normalize_rows": 8,
+    "moments.shifted_sums": 10,
+    "nhwc.lane_sums": 8,
+    "nhwc.apply_positions": 10,
+    "nhwc.normalize_small_samples": 25,
+}
+
+
+@pytest.fixture(scope="module")
+def packed_counts(tmp_path_factory):
+    if not {"avx2", "fma"} <= set(info()["vector_features"]):
+        pytest.skip("the floors are for x86-64 with AVX2 and FMA")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path_factory.mktemp("numba_cache"))}
+    probe = Path(__file__).with_name("vectorization_probe.py")
+    done = subprocess.run(
+        [sys.executable, str(probe)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_every_kernel_was_probed(packed_counts):
+    kernels = {name.split(" [")[0] for name in packed_counts}
+    assert kernels == set(FLOORS)
+    # Both dtypes; the normalizations in place and out of place.
+    assert sum("float32" in name for name in packed_counts) == len(packed_counts) // 2
+    assert any("out]" in name for name in packed_counts)
+
+
+@pytest.mark.parametrize("kernel", sorted(FLOORS))
+def test_hot_loops_vectorize(packed_counts, kernel):
+    counts = {name: n for name, n in packed_counts.items() if name.startswith(kernel + " [")}
+    assert counts
+    low = {name: n for name, n in counts.items() if n < FLOORS[kernel]}
+    assert not low, f"too few packed instructions (floor {FLOORS[kernel]}): {low}"
