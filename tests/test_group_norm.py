@@ -393,6 +393,11 @@ def test_outlier_first_value_in_short_paths(rng, shape, layout):
         ((4, 256), 1, "NCHW"),  # slabs of SHORT_SLAB values: the short path
         ((4, 257), 1, "NCHW"),  # 257: the general one
         ((2, 20000, 3, 3), 4, "NHWC"),  # rows wider than APPLY_CHUNK: one row per chunk
+        # NHWC rows of whole vectors go through simd.apply_rows up to 8 vectors, sweeps beyond.
+        ((2, 64, 5, 5), 8, "NHWC"),  # float32 rows of 4 vectors, float64 of 8 (the longest)
+        ((2, 72, 5, 5), 8, "NHWC"),  # float32 rows of 9 (lcm(72, 16) = 144), float64 of 9
+        ((2, 128, 5, 5), 8, "NHWC"),  # float32 rows of 8 (the longest), float64 of 16
+        ((2, 136, 5, 5), 8, "NHWC"),  # float32 rows of 17, float64 of 17
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)

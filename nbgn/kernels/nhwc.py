@@ -42,6 +42,7 @@ from .moments import (
     part_bounds,
     pivot_stands,
 )
+from .simd import MAX_ROW_VECTORS, apply_rows
 
 #: Lanes per row to aim for: enough for several 512-bit vectors when there are few channels.
 MIN_LANES = 256
@@ -359,14 +360,23 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     ``coefficients`` holds the sample's ``(center, scale, shift)`` per channel, shape ``(C, 3)``;
     they are spread over the lanes in ``lane_space`` (from ``lane_scratch``, 64-byte aligned).
     The rows start ``skew`` values in, where ``x`` is 64-byte aligned, and the lanes are rotated
-    to match: a 512-bit load that straddles two cache lines costs two, and a row has four
-    streams of them. Each sweep normalizes one row from each quarter of the range, sharing the
-    loads of the lane coefficients, in four long streams the hardware prefetchers can follow.
+    to match: a 512-bit load that straddles two cache lines costs two.
+
+    Rows of whole 64-byte vectors, at most ``simd.MAX_ROW_VECTORS`` of them (C dividing 128 for
+    float32, 64 for float64, and multiples of their divisors such as 48), go through
+    ``simd.apply_rows``, which keeps a row's coefficients in registers. Longer rows go in sweeps:
+    one row from each quarter of the range, sharing the loads of the lane coefficients, in four
+    long streams the hardware prefetchers can follow.
     """
-    width = lane_positions(channels, stop_position - first_position) * channels
+    lane_width = lane_positions(channels, stop_position - first_position) * channels
     total = (stop_position - first_position) * channels
     range_start = sample_start + first_position * channels
     vector = 64 // x.itemsize
+    # The shortest row of whole vectors: lcm(C, vector). Its lanes fit in lane_space when it is no
+    # longer than the sweeps' rows (which lane_scratch sized), i.e. the range has a row of it.
+    vector_row = channels * (vector // np.gcd(channels, vector))
+    in_registers = vector_row <= MAX_ROW_VECTORS * vector and vector_row <= lane_width
+    width = vector_row if in_registers else lane_width
     skew = min(total, (vector - (x.ctypes.data // x.itemsize + range_start) % vector) % vector)
     center = lane_space[:width]
     scale = lane_space[width : 2 * width]
@@ -379,7 +389,7 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
         channel = channel + 1 if channel + 1 < channels else 0
     rows_start = range_start + skew
     full_rows = (total - skew) // width
-    quarter = full_rows // 4
+    quarter = 0 if in_registers else full_rows // 4
 
     tail = total - skew - full_rows * width
     apply_row(x, out, rows_start + full_rows * width, tail, center, scale, shift)
@@ -387,6 +397,14 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     # runs of a chunk's length, not rows that step back every few dozen cache lines (one row at a
     # time, in reverse, ran a 16 MiB float64 part at 0.7 of this speed).
     chunk_rows = max(1, APPLY_CHUNK // width)
+    if in_registers:
+        chunk_stop = full_rows
+        while chunk_stop > 0:
+            chunk_start = max(0, chunk_stop - chunk_rows)
+            apply_rows(x, out, rows_start + chunk_start * width, chunk_stop - chunk_start,
+                       width // vector, center, scale, shift)  # fmt: skip
+            chunk_stop = chunk_start
+        full_rows = 0
     chunk_stop = full_rows
     while chunk_stop > 4 * quarter:
         chunk_start = max(4 * quarter, chunk_stop - chunk_rows)

@@ -1,0 +1,120 @@
+"""Loops written in LLVM IR with explicit 512-bit vector types, where Numba's own loops fall short.
+
+The channels-last normalization applies per-lane coefficients, ``y = (x - center[j]) * scale[j] +
+shift[j]`` with ``j`` the position in a row of lanes. Numba's loops reload the three coefficients for
+every vector of ``x``: LLVM cannot keep them in registers, since it cannot rule out that the lane
+arrays alias ``x``. Four rows a loop share those loads and still ran at half the speed of a loop with
+scalar coefficients (512 KiB in L2: 5.3 against 2.3 us). ``apply_rows`` loads a row's coefficients
+into registers once, then streams through the rows like a contiguous loop (2.9 us): one code path
+per row length of 1 to ``MAX_ROW_VECTORS`` vectors, chosen by a switch.
+"""
+
+import numba
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+#: The longest row ``apply_rows`` takes, in vectors of 64 bytes: three coefficients per vector of a
+#: row, plus the data, must fit the 32 vector registers of AVX-512.
+MAX_ROW_VECTORS = 8
+
+#: Bytes per vector.
+VECTOR_BYTES = 64
+
+
+@intrinsic
+def _apply_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shift):
+    if not isinstance(x, types.Array) or x.dtype not in (types.float32, types.float64):
+        return None
+    if not (
+        isinstance(out, types.NoneType) or (isinstance(out, types.Array) and out.dtype == x.dtype)
+    ):
+        return None
+    floats = (types.float32, types.float64)
+    if any(not isinstance(a, types.Array) or a.dtype not in floats for a in (center, scale, shift)):
+        return None
+    signature = types.void(x, out, types.intp, types.intp, types.intp, center, scale, shift)
+    in_place = isinstance(out, types.NoneType)
+
+    def codegen(context, builder, sig, args):
+        x_array = context.make_array(sig.args[0])(context, builder, args[0])
+        target = x_array if in_place else context.make_array(sig.args[1])(context, builder, args[1])
+        first, num_rows, num_vectors = args[2], args[3], args[4]
+        lane_arrays = [
+            context.make_array(sig.args[k])(context, builder, args[k]) for k in (5, 6, 7)
+        ]
+        lane_types = [context.get_data_type(sig.args[k].dtype) for k in (5, 6, 7)]
+        element = context.get_data_type(sig.args[0].dtype)
+        itemsize = context.get_abi_sizeof(element)
+        lanes = VECTOR_BYTES // itemsize
+        vector_type = ir.VectorType(element, lanes)
+        vector_pointer = vector_type.as_pointer()
+        intp = context.get_value_type(types.intp)
+        function = builder.function
+        done = function.append_basic_block("rows.done")
+        switch = builder.switch(num_vectors, done)
+        for count in range(1, MAX_ROW_VECTORS + 1):
+            case = function.append_basic_block(f"rows.{count}")
+            switch.add_case(ir.Constant(intp, count), case)
+            builder.position_at_end(case)
+            # The row's coefficients, loaded once: count vectors of each, in x's dtype (lanes of
+            # float64 sums hold values already rounded to float32: the conversion is exact).
+            coefficients = [
+                [
+                    _load_as(builder, array, v * lanes, lanes, lane_type, vector_type, intp)
+                    for v in range(count)
+                ]
+                for array, lane_type in zip(lane_arrays, lane_types, strict=True)
+            ]
+            entry = builder.block
+            header = function.append_basic_block(f"rows.{count}.header")
+            body = function.append_basic_block(f"rows.{count}.body")
+            builder.branch(header)
+            builder.position_at_end(header)
+            row = builder.phi(intp)
+            row.add_incoming(ir.Constant(intp, 0), entry)
+            builder.cbranch(builder.icmp_signed("<", row, num_rows), body, done)
+            builder.position_at_end(body)
+            row_start = builder.add(first, builder.mul(row, ir.Constant(intp, count * lanes)))
+            for v in range(count):
+                index = builder.add(row_start, ir.Constant(intp, v * lanes))
+                source = builder.bitcast(builder.gep(x_array.data, [index]), vector_pointer)
+                value = builder.load(source, align=itemsize)
+                centered = builder.fsub(value, coefficients[0][v])
+                # ``contract`` lets LLVM fuse the multiply and add into one fma, as the Numba
+                # loops' fastmath={"contract"} does.
+                scaled = builder.fmul(centered, coefficients[1][v], flags=("contract",))
+                result = builder.fadd(scaled, coefficients[2][v], flags=("contract",))
+                destination = builder.bitcast(builder.gep(target.data, [index]), vector_pointer)
+                builder.store(result, destination, align=itemsize)
+            row.add_incoming(builder.add(row, ir.Constant(intp, 1)), body)
+            builder.branch(header)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def _load_as(builder, array, offset, lanes, lane_type, vector_type, intp):
+    """A vector of ``lanes`` values of ``array`` from ``offset``, converted to ``vector_type``."""
+    pointer = builder.gep(array.data, [ir.Constant(intp, offset)])
+    loaded_type = ir.VectorType(lane_type, lanes)
+    value = builder.load(builder.bitcast(pointer, loaded_type.as_pointer()), align=4)
+    if lane_type == vector_type.element:
+        return value
+    if isinstance(lane_type, ir.DoubleType):
+        return builder.fptrunc(value, vector_type)
+    return builder.fpext(value, vector_type)
+
+
+@numba.njit(inline="always")
+def apply_rows(x, out, start, rows, row_vectors, center, scale, shift):
+    """``out[i] = (x[i] - center[j]) * scale[j] + shift[j]`` for ``rows`` rows of ``row_vectors``
+    64-byte vectors from flat ``x[start]``, ``j`` the index in the row (``out=None``: in place).
+
+    ``x``, ``out`` and the lane arrays are contiguous, of one dtype; the lane arrays hold at least a
+    row each. ``row_vectors`` is from 1 to ``MAX_ROW_VECTORS``.
+    """
+    if not 1 <= row_vectors <= MAX_ROW_VECTORS:
+        raise ValueError("apply_rows: row_vectors out of range")
+    _apply_rows(x, out, start, rows, row_vectors, center, scale, shift)
