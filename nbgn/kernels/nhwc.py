@@ -42,7 +42,7 @@ from .moments import (
     part_bounds,
     pivot_stands,
 )
-from .simd import MAX_ROW_VECTORS, apply_rows
+from .simd import apply_rows, row_limits
 
 #: Lanes per row to aim for: enough for several 512-bit vectors when there are few channels.
 MIN_LANES = 256
@@ -362,9 +362,9 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     The rows start ``skew`` values in, where ``x`` is 64-byte aligned, and the lanes are rotated
     to match: a 512-bit load that straddles two cache lines costs two.
 
-    Rows of whole 64-byte vectors, at most ``simd.MAX_ROW_VECTORS`` of them (C dividing 128 for
-    float32, 64 for float64, and multiples of their divisors such as 48), go through
-    ``simd.apply_rows``, which keeps a row's coefficients in registers. Longer rows go in sweeps:
+    Rows of whole 64-byte lines of at most ``simd.row_limits()[1]`` bytes (with AVX-512, 512: C
+    dividing 128 for float32, 64 for float64, and multiples of their divisors such as 48) go
+    through ``simd.apply_rows``, which keeps a row's coefficients in registers. Longer rows go in sweeps:
     one row from each quarter of the range, sharing the loads of the lane coefficients, in four
     long streams the hardware prefetchers can follow.
     """
@@ -375,7 +375,8 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     # The shortest row of whole vectors: lcm(C, vector). Its lanes fit in lane_space when it is no
     # longer than the sweeps' rows (which lane_scratch sized), i.e. the range has a row of it.
     vector_row = channels * (vector // np.gcd(channels, vector))
-    in_registers = vector_row <= MAX_ROW_VECTORS * vector and vector_row <= lane_width
+    vector_bytes, max_row_bytes = row_limits()
+    in_registers = vector_row * x.itemsize <= max_row_bytes and vector_row <= lane_width
     width = vector_row if in_registers else lane_width
     skew = min(total, (vector - (x.ctypes.data // x.itemsize + range_start) % vector) % vector)
     center = lane_space[:width]
@@ -402,7 +403,7 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
         while chunk_stop > 0:
             chunk_start = max(0, chunk_stop - chunk_rows)
             apply_rows(x, out, rows_start + chunk_start * width, chunk_stop - chunk_start,
-                       width // vector, center, scale, shift)  # fmt: skip
+                       width * x.itemsize // vector_bytes, center, scale, shift)  # fmt: skip
             chunk_stop = chunk_start
         full_rows = 0
     chunk_stop = full_rows

@@ -6,20 +6,49 @@ every vector of ``x``: LLVM cannot keep them in registers, since it cannot rule 
 arrays alias ``x``. Four rows a loop share those loads and still ran at half the speed of a loop with
 scalar coefficients (512 KiB in L2: 5.3 against 2.3 us). ``apply_rows`` loads a row's coefficients
 into registers once, then streams through the rows like a contiguous loop (2.9 us): one code path
-per row length of 1 to ``MAX_ROW_VECTORS`` vectors, chosen by a switch.
+per row length, chosen by a switch.
+
+The vectors are the host's widest (``row_limits``): 64 bytes with AVX-512, 32 with AVX2, else 16;
+a row holds up to 512 bytes where there are 32 vector registers (AVX-512, and AArch64's NEON),
+else 128, so that its coefficients and the data stay in registers.
 """
+
+import functools
 
 import numba
 from llvmlite import ir
 from numba import types
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload
 
-#: The longest row ``apply_rows`` takes, in vectors of 64 bytes: three coefficients per vector of a
-#: row, plus the data, must fit the 32 vector registers of AVX-512.
-MAX_ROW_VECTORS = 8
 
-#: Bytes per vector.
-VECTOR_BYTES = 64
+@functools.cache
+def _host_row_limits() -> tuple[int, int]:
+    """``(vector_bytes, max_row_bytes)`` for this machine; see the module notes."""
+    from llvmlite import binding
+
+    if numba.config.CPU_FEATURES is not None:  # what Numba compiles for, if not this host
+        features = {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f}
+    elif numba.config.CPU_NAME not in (None, "host"):
+        features = {}  # a named CPU whose features we do not know: no wide vectors assumed
+    else:
+        features = binding.get_host_cpu_features()
+    if features.get("avx512f", False):
+        return 64, 512
+    if features.get("avx2", False):
+        return 32, 128
+    if binding.get_process_triple().startswith(("aarch64", "arm64")):
+        return 16, 512
+    return 16, 128
+
+
+def row_limits():
+    """``(vector_bytes, max_row_bytes)``, constants of the compiled code (``_host_row_limits``)."""
+
+
+@overload(row_limits, inline="always")
+def _row_limits():
+    limits = _host_row_limits()
+    return lambda: limits
 
 
 @intrinsic
@@ -46,14 +75,15 @@ def _apply_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shif
         lane_types = [context.get_data_type(sig.args[k].dtype) for k in (5, 6, 7)]
         element = context.get_data_type(sig.args[0].dtype)
         itemsize = context.get_abi_sizeof(element)
-        lanes = VECTOR_BYTES // itemsize
+        vector_bytes, max_row_bytes = _host_row_limits()
+        lanes = vector_bytes // itemsize
         vector_type = ir.VectorType(element, lanes)
         vector_pointer = vector_type.as_pointer()
         intp = context.get_value_type(types.intp)
         function = builder.function
         done = function.append_basic_block("rows.done")
         switch = builder.switch(num_vectors, done)
-        for count in range(1, MAX_ROW_VECTORS + 1):
+        for count in range(1, max_row_bytes // vector_bytes + 1):
             case = function.append_basic_block(f"rows.{count}")
             switch.add_case(ir.Constant(intp, count), case)
             builder.position_at_end(case)
@@ -110,11 +140,13 @@ def _load_as(builder, array, offset, lanes, lane_type, vector_type, intp):
 @numba.njit(inline="always")
 def apply_rows(x, out, start, rows, row_vectors, center, scale, shift):
     """``out[i] = (x[i] - center[j]) * scale[j] + shift[j]`` for ``rows`` rows of ``row_vectors``
-    64-byte vectors from flat ``x[start]``, ``j`` the index in the row (``out=None``: in place).
+    vectors (``row_limits()[0]`` bytes each) from flat ``x[start]``, ``j`` the index in the row
+    (``out=None``: in place).
 
-    ``x``, ``out`` and the lane arrays are contiguous, of one dtype; the lane arrays hold at least a
-    row each. ``row_vectors`` is from 1 to ``MAX_ROW_VECTORS``.
+    ``x``, ``out`` and the lane arrays are contiguous; the lane arrays hold at least a row each, in
+    x's dtype or float64 (converted once a call). A row is at most ``row_limits()[1]`` bytes.
     """
-    if not 1 <= row_vectors <= MAX_ROW_VECTORS:
+    vector_bytes, max_row_bytes = row_limits()
+    if not 1 <= row_vectors <= max_row_bytes // vector_bytes:
         raise ValueError("apply_rows: row_vectors out of range")
     _apply_rows(x, out, start, rows, row_vectors, center, scale, shift)

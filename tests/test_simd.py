@@ -1,0 +1,51 @@
+"""``nbgn/kernels/simd.py`` on other hosts: the vector width and the longest register row follow
+the CPU (64-byte vectors and 512-byte rows with AVX-512, 32 and 128 with AVX2, 16 bytes
+elsewhere). Each configuration is compiled in a child process with a fresh cache and checked
+against the float64 reference, rows in registers and rows too long for them, in place and not."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+CHECK = """
+import numpy as np
+import nbgn.kernels.simd as simd
+simd._host_row_limits = lambda: LIMITS
+import nbgn
+from reference import reference_group_norm
+worst = 0.0
+for channels in (3, 8, 16, 48, 64, 128, 136):
+    groups = 1 if channels == 3 else channels // 4
+    for dtype, tolerance in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        rng = np.random.default_rng(channels)
+        x = (rng.standard_normal((2, 9, 37, channels)) * 3 + 7).astype(dtype)
+        weight = rng.standard_normal(channels).astype(dtype)
+        bias = rng.standard_normal(channels).astype(dtype)
+        expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NHWC")
+        y = nbgn.group_norm(x, groups, weight, bias, layout="NHWC")
+        nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=x)
+        worst = max(worst, abs(y - expected).max() / tolerance, abs(x - expected).max() / tolerance)
+print(worst)
+"""
+
+
+@pytest.mark.parametrize("limits", [(32, 128)])  # AVX2: each configuration compiles for ~50 s
+def test_other_vector_widths_match_reference(tmp_path, limits):
+    env = {
+        **os.environ,
+        "NUMBA_CACHE_DIR": str(tmp_path),
+        "PYTHONPATH": os.pathsep.join(
+            [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    done = subprocess.run(
+        [sys.executable, "-c", CHECK.replace("LIMITS", repr(limits))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) <= 1.0
