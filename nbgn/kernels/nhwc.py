@@ -364,9 +364,9 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
 
     Rows of whole 64-byte lines of at most ``simd.row_limits()[1]`` bytes (with AVX-512, 512: C
     dividing 128 for float32, 64 for float64, and multiples of their divisors such as 48) go
-    through ``simd.apply_rows``, which keeps a row's coefficients in registers. Longer rows go in sweeps:
-    one row from each quarter of the range, sharing the loads of the lane coefficients, in four
-    long streams the hardware prefetchers can follow.
+    through ``simd.apply_rows``, which keeps a row's coefficients in registers. Longer rows go in
+    sweeps: one row from each quarter of the range, sharing the loads of the lane coefficients, in
+    four long streams the hardware prefetchers can follow.
     """
     lane_width = lane_positions(channels, stop_position - first_position) * channels
     total = (stop_position - first_position) * channels
@@ -390,8 +390,6 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
         channel = channel + 1 if channel + 1 < channels else 0
     rows_start = range_start + skew
     full_rows = (total - skew) // width
-    quarter = 0 if in_registers else full_rows // 4
-
     tail = total - skew - full_rows * width
     apply_row(x, out, rows_start + full_rows * width, tail, center, scale, shift)
     # Backwards a chunk of rows at a time, each chunk forwards: the prefetchers follow ascending
@@ -405,39 +403,40 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
             apply_rows(x, out, rows_start + chunk_start * width, chunk_stop - chunk_start,
                        width * x.itemsize // vector_bytes, center, scale, shift)  # fmt: skip
             chunk_stop = chunk_start
-        full_rows = 0
-    chunk_stop = full_rows
-    while chunk_stop > 4 * quarter:
-        chunk_start = max(4 * quarter, chunk_stop - chunk_rows)
-        for r in range(chunk_start, chunk_stop):
-            apply_row(x, out, rows_start + r * width, width, center, scale, shift)
-        chunk_stop = chunk_start
-    sweeps_per_chunk = max(1, chunk_rows // 4)
-    chunk_stop = quarter
-    while chunk_stop > 0:
-        chunk_start = max(0, chunk_stop - sweeps_per_chunk)
-        for r in range(chunk_start, chunk_stop):
-            starts = (
-                rows_start + r * width,
-                rows_start + (r + quarter) * width,
-                rows_start + (r + 2 * quarter) * width,
-                rows_start + (r + 3 * quarter) * width,
-            )
-            source0 = x[starts[0] : starts[0] + width]
-            source1 = x[starts[1] : starts[1] + width]
-            source2 = x[starts[2] : starts[2] + width]
-            source3 = x[starts[3] : starts[3] + width]
-            target0 = destination(source0, out, starts[0], starts[0] + width)
-            target1 = destination(source1, out, starts[1], starts[1] + width)
-            target2 = destination(source2, out, starts[2], starts[2] + width)
-            target3 = destination(source3, out, starts[3], starts[3] + width)
-            for j in range(width):
-                c, a, b = center[j], scale[j], shift[j]
-                target0[j] = (source0[j] - c) * a + b
-                target1[j] = (source1[j] - c) * a + b
-                target2[j] = (source2[j] - c) * a + b
-                target3[j] = (source3[j] - c) * a + b
-        chunk_stop = chunk_start
+    else:
+        quarter = full_rows // 4
+        chunk_stop = full_rows
+        while chunk_stop > 4 * quarter:
+            chunk_start = max(4 * quarter, chunk_stop - chunk_rows)
+            for r in range(chunk_start, chunk_stop):
+                apply_row(x, out, rows_start + r * width, width, center, scale, shift)
+            chunk_stop = chunk_start
+        sweeps_per_chunk = max(1, chunk_rows // 4)
+        chunk_stop = quarter
+        while chunk_stop > 0:
+            chunk_start = max(0, chunk_stop - sweeps_per_chunk)
+            for r in range(chunk_start, chunk_stop):
+                starts = (
+                    rows_start + r * width,
+                    rows_start + (r + quarter) * width,
+                    rows_start + (r + 2 * quarter) * width,
+                    rows_start + (r + 3 * quarter) * width,
+                )
+                source0 = x[starts[0] : starts[0] + width]
+                source1 = x[starts[1] : starts[1] + width]
+                source2 = x[starts[2] : starts[2] + width]
+                source3 = x[starts[3] : starts[3] + width]
+                target0 = destination(source0, out, starts[0], starts[0] + width)
+                target1 = destination(source1, out, starts[1], starts[1] + width)
+                target2 = destination(source2, out, starts[2], starts[2] + width)
+                target3 = destination(source3, out, starts[3], starts[3] + width)
+                for j in range(width):
+                    c, a, b = center[j], scale[j], shift[j]
+                    target0[j] = (source0[j] - c) * a + b
+                    target1[j] = (source1[j] - c) * a + b
+                    target2[j] = (source2[j] - c) * a + b
+                    target3[j] = (source3[j] - c) * a + b
+            chunk_stop = chunk_start
     # The skew's values are channels 0, 1, ...: the last lanes, since width is a multiple of C.
     apply_row(x, out, range_start, skew, center[width - skew :], scale[width - skew :],
               shift[width - skew :])  # fmt: skip

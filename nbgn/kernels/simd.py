@@ -1,4 +1,4 @@
-"""Loops written in LLVM IR with explicit 512-bit vector types, where Numba's own loops fall short.
+"""Loops written in LLVM IR with explicit vector types, where Numba's own loops fall short.
 
 The channels-last normalization applies per-lane coefficients, ``y = (x - center[j]) * scale[j] +
 shift[j]`` with ``j`` the position in a row of lanes. Numba's loops reload the three coefficients for
