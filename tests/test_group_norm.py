@@ -398,6 +398,14 @@ def test_outlier_first_value_in_short_paths(rng, shape, layout):
         ((2, 72, 5, 5), 8, "NHWC"),  # float32 rows of 9 (lcm(72, 16) = 144), float64 of 9
         ((2, 128, 5, 5), 8, "NHWC"),  # float32 rows of 8 (the longest), float64 of 16
         ((2, 136, 5, 5), 8, "NHWC"),  # float32 rows of 17, float64 of 17
+        # NCHW channels of a vector to SHORT_CHANNEL values go through simd.apply_channels, its
+        # last vector overlapping the one before; shorter and longer ones through Numba's loops.
+        ((1, 256, 7), 4, "NCHW"),  # shorter than a vector (float64 has 8 lanes with AVX-512)
+        ((1, 256, 8), 4, "NCHW"),  # float64: one vector a channel; float32: shorter than one
+        ((1, 64, 17), 4, "NCHW"),  # a vector and one more value, in place too
+        ((1, 64, 7, 7), 4, "NCHW"),  # 49: three vectors and an overlapping fourth (float32)
+        ((1, 32, 16, 16), 4, "NCHW"),  # SHORT_CHANNEL values: the longest
+        ((1, 32, 257), 4, "NCHW"),  # one more: Numba's loop
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -1,7 +1,8 @@
 """``nbgn/kernels/simd.py`` on other hosts: the vector width and the longest register row follow
 the CPU (64-byte vectors and 512-byte rows with AVX-512, 32 and 128 with AVX2, 16 bytes
 elsewhere). Each configuration is compiled in a child process with a fresh cache and checked
-against the float64 reference, rows in registers and rows too long for them, in place and not."""
+against the float64 reference, rows in registers and rows too long for them, and NCHW channels
+around a vector's length, in place and not."""
 
 import os
 import subprocess
@@ -26,6 +27,17 @@ for channels in (3, 8, 16, 48, 64, 128, 136):
         expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NHWC")
         y = nbgn.group_norm(x, groups, weight, bias, layout="NHWC")
         nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=x)
+        worst = max(worst, abs(y - expected).max() / tolerance, abs(x - expected).max() / tolerance)
+# NCHW channels around a vector's length (simd.apply_channels), in slabs too long for the short path.
+for spatial in (7, 8, 9, 17, 49):
+    for dtype, tolerance in ((np.float32, 1e-5), (np.float64, 1e-12)):
+        rng = np.random.default_rng(spatial)
+        x = (rng.standard_normal((1, 128, spatial)) * 3 + 7).astype(dtype)
+        weight = rng.standard_normal(128).astype(dtype)
+        bias = rng.standard_normal(128).astype(dtype)
+        expected = reference_group_norm(x, 4, weight, bias, 1e-5, "NCHW")
+        y = nbgn.group_norm(x, 4, weight, bias)
+        nbgn.group_norm(x, 4, weight, bias, out=x)
         worst = max(worst, abs(y - expected).max() / tolerance, abs(x - expected).max() / tolerance)
 print(worst)
 """

@@ -8,6 +8,13 @@ scalar coefficients (512 KiB in L2: 5.3 against 2.3 us). ``apply_rows`` loads a 
 into registers once, then streams through the rows like a contiguous loop (2.9 us): one code path
 per row length, chosen by a switch.
 
+The channels-first normalization applies one ``(center, scale, shift)`` per channel, a run of
+``spatial`` values. Numba's loop over a run of a few dozen values spends as much on its setup (alias
+checks, a vector body unrolled to 64 values, a scalar remainder) as on the values. ``apply_channels``
+broadcasts a channel's coefficients and runs through it in whole vectors, the last one ending on the
+channel's last value (overlapping the one before it when the vectors do not divide the run): one
+thread, in place, (1, 1024, 7, 7)/32 took 8.4 us against 11.4.
+
 The vectors are the host's widest (``row_limits``): 64 bytes with AVX-512, 32 with AVX2, else 16;
 a row holds up to 512 bytes where there are 32 vector registers (AVX-512, and AArch64's NEON),
 else 128, so that its coefficients and the data stay in registers.
@@ -125,6 +132,106 @@ def _apply_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shif
     return signature, codegen
 
 
+@intrinsic
+def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficients):
+    if not isinstance(x, types.Array) or x.dtype not in (types.float32, types.float64):
+        return None
+    if not (
+        isinstance(out, types.NoneType) or (isinstance(out, types.Array) and out.dtype == x.dtype)
+    ):
+        return None
+    if not (
+        isinstance(coefficients, types.Array)
+        and coefficients.dtype == x.dtype
+        and coefficients.ndim == 2
+        and coefficients.layout == "C"
+    ):
+        return None
+    signature = types.void(x, out, types.intp, types.intp, types.intp, coefficients)
+    in_place = isinstance(out, types.NoneType)
+
+    def codegen(context, builder, sig, args):
+        x_array = context.make_array(sig.args[0])(context, builder, args[0])
+        target = x_array if in_place else context.make_array(sig.args[1])(context, builder, args[1])
+        table = context.make_array(sig.args[5])(context, builder, args[5])
+        first, num_channels, spatial = args[2], args[3], args[4]
+        element = context.get_data_type(sig.args[0].dtype)
+        itemsize = context.get_abi_sizeof(element)
+        lanes = _host_row_limits()[0] // itemsize
+        vector_type = ir.VectorType(element, lanes)
+        vector_pointer = vector_type.as_pointer()
+        intp = context.get_value_type(types.intp)
+        function = builder.function
+        entry = builder.block
+        channel_header = function.append_basic_block("channels.header")
+        channel_body = function.append_basic_block("channels.body")
+        vector_header = function.append_basic_block("channels.vector_header")
+        vector_body = function.append_basic_block("channels.vector_body")
+        last_vector = function.append_basic_block("channels.last_vector")
+        done = function.append_basic_block("channels.done")
+        lane_count = ir.Constant(intp, lanes)
+        last_offset = builder.sub(spatial, lane_count)
+
+        def at(array, index):
+            return builder.bitcast(builder.gep(array.data, [index]), vector_pointer)
+
+        def normalized(value, center, scale, shift):
+            centered = builder.fsub(value, center)
+            scaled = builder.fmul(centered, scale, flags=("contract",))
+            return builder.fadd(scaled, shift, flags=("contract",))
+
+        # Channels last first (see moments.apply_reversed): k counts down from num_channels.
+        builder.branch(channel_header)
+        builder.position_at_end(channel_header)
+        remaining = builder.phi(intp)
+        remaining.add_incoming(num_channels, entry)
+        builder.cbranch(
+            builder.icmp_signed(">", remaining, ir.Constant(intp, 0)), channel_body, done
+        )
+        builder.position_at_end(channel_body)
+        channel = builder.sub(remaining, ir.Constant(intp, 1))
+        channel_start = builder.add(first, builder.mul(channel, spatial))
+        center, scale, shift = (
+            _broadcast(builder, table, channel, column, vector_type, intp) for column in range(3)
+        )
+        # The last vector is read before any store: in place, where it overlaps the one before
+        # it, it must see the input, not the output.
+        last_index = builder.add(channel_start, last_offset)
+        last_value = builder.load(at(x_array, last_index), align=itemsize)
+        builder.branch(vector_header)
+        builder.position_at_end(vector_header)
+        offset = builder.phi(intp)
+        offset.add_incoming(ir.Constant(intp, 0), channel_body)
+        builder.cbranch(builder.icmp_signed("<", offset, last_offset), vector_body, last_vector)
+        builder.position_at_end(vector_body)
+        index = builder.add(channel_start, offset)
+        value = builder.load(at(x_array, index), align=itemsize)
+        builder.store(normalized(value, center, scale, shift), at(target, index), align=itemsize)
+        offset.add_incoming(builder.add(offset, lane_count), vector_body)
+        builder.branch(vector_header)
+        builder.position_at_end(last_vector)
+        result = normalized(last_value, center, scale, shift)
+        builder.store(result, at(target, last_index), align=itemsize)
+        remaining.add_incoming(channel, last_vector)
+        builder.branch(channel_header)
+        builder.position_at_end(done)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def _broadcast(builder, table, row, column, vector_type, intp):
+    """``table[row, column]`` (a C-contiguous ``(rows, 3)`` array) in every lane of a vector."""
+    index = builder.add(builder.mul(row, ir.Constant(intp, 3)), ir.Constant(intp, column))
+    scalar = builder.load(builder.gep(table.data, [index]))
+    int32 = ir.IntType(32)
+    single = builder.insert_element(
+        ir.Constant(vector_type, ir.Undefined), scalar, ir.Constant(int32, 0)
+    )
+    zeros = ir.Constant(ir.VectorType(int32, vector_type.count), [0] * vector_type.count)
+    return builder.shuffle_vector(single, single, zeros)
+
+
 def _load_as(builder, array, offset, lanes, lane_type, vector_type, intp):
     """A vector of ``lanes`` values of ``array`` from ``offset``, converted to ``vector_type``."""
     pointer = builder.gep(array.data, [ir.Constant(intp, offset)])
@@ -150,3 +257,26 @@ def apply_rows(x, out, start, rows, row_vectors, center, scale, shift):
     if not 1 <= row_vectors <= max_row_bytes // vector_bytes:
         raise ValueError("apply_rows: row_vectors out of range")
     _apply_rows(x, out, start, rows, row_vectors, center, scale, shift)
+
+
+def channel_lanes(x):
+    """Values of ``x``'s dtype in one of the host's vectors: ``apply_channels``' shortest run."""
+
+
+@overload(channel_lanes, inline="always")
+def _channel_lanes(x):
+    lanes = _host_row_limits()[0] * 8 // x.dtype.bitwidth
+    return lambda x: lanes
+
+
+@numba.njit(inline="always")
+def apply_channels(x, out, start, num_channels, spatial, coefficients):
+    """``out[i] = (x[i] - center) * scale + shift`` for ``num_channels`` runs of ``spatial`` values
+    from flat ``x[start]``, the last run first, with row ``k`` of ``coefficients`` (``(center,
+    scale, shift)``, x's dtype, C-contiguous) for run ``k`` (``out=None``: in place).
+
+    A run is at least ``channel_lanes(x)`` values long.
+    """
+    if spatial < channel_lanes(x) or coefficients.shape[0] < num_channels:
+        raise ValueError("apply_channels: runs shorter than a vector, or too few coefficients")
+    _apply_channels(x, out, start, num_channels, spatial, coefficients)
