@@ -14,6 +14,9 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
   moments merged exactly (Chan), so that what the first loop left in the caches is reused. Parts
   smaller than ``MIN_PART_ELEMENTS`` are not worth a thread; a single unit not worth splitting runs
   serially.
+- In place, NHWC samples larger than a core's L2 (``COOPERATIVE_BYTES``) are normalized one after
+  the other by all threads together, a part each, waiting for each other's moments once a sample:
+  each thread's second read then comes from its own L2 rather than from L3 or memory.
 - NCHW float32 slabs of many short channels with their own weights go through per-group weight
   patterns (``channel_patterns``): one flat loop per slab instead of one per channel.
 - NCHW slabs of at most ``nchw.SHORT_SLAB`` values (spatial dimensions of a few values, or none)
@@ -39,6 +42,15 @@ SERIAL_ELEMENTS = 1 << 15
 #: took 13 us against 9 us on one core; 1 MiB, 2 parts of 128K, 14 us against 17 us).
 MIN_PART_ELEMENTS = 1 << 17
 
+#: In place, NHWC samples of more than this many bytes are normalized by all threads together, one
+#: sample after the other (``nhwc.group_norm_cooperative``): a thread's part then fits its L2 (1 MiB
+#: here) for the second read, where a whole sample would come again from L3 or memory. Seed (64, 16,
+#: 112, 112)/4 float64, 1.6 MB samples: 3.73-3.80 ms alone, 3.20-3.24 ms together (0.93-0.98 of the
+#: roofline); with 0.8 MB samples (float32) together was slower. One sample: as fast as the split
+#: kernel, in one launch instead of two. Not out of place: into a warm output it gained nothing, and
+#: into a new one it lost 18% (two threads taking the OS's fresh pages of one sample at once).
+COOPERATIVE_BYTES = 1 << 20
+
 #: With at least this many units per thread, uneven finishing costs at most ~1/8 of a unit each.
 BALANCED_UNITS_PER_THREAD = 4
 
@@ -51,26 +63,31 @@ PATTERN_MIN_CHANNELS = 8
 
 class Plan(NamedTuple):
     """``parallel``: use the parallel kernels; ``parts``: pieces per unit (1: the fused kernel);
-    ``chunks``: runs of whole units the fused kernel hands out, one per thread (1 when serial)."""
+    ``chunks``: runs of whole units the fused kernel hands out, one per thread (1 when serial);
+    ``cooperative``: the units one after the other, each by all threads, a part each."""
 
     parallel: bool
     parts: int
     chunks: int
+    cooperative: bool = False
 
 
 SERIAL = Plan(parallel=False, parts=1, chunks=1)
 
 
-def plan(units: int, unit_elements: int) -> Plan:
-    """The plan for ``units`` work units of ``unit_elements`` elements each."""
+def plan(units: int, unit_elements: int, cooperative_bytes: int = 0) -> Plan:
+    """The plan for ``units`` work units of ``unit_elements`` elements each; ``cooperative_bytes``
+    is a unit's size in bytes where the layout has a cooperative kernel, else 0."""
     if units * unit_elements < SERIAL_ELEMENTS or _threading.serial_only():
         return SERIAL
-    return _parallel_plan(units, unit_elements, _threading.num_threads())
+    return _parallel_plan(units, unit_elements, _threading.num_threads(), cooperative_bytes)
 
 
 @functools.lru_cache(maxsize=256)
-def _parallel_plan(units: int, unit_elements: int, threads: int) -> Plan:
+def _parallel_plan(units: int, unit_elements: int, threads: int, cooperative_bytes: int) -> Plan:
     """Cached: a call's Python overhead is part of what a small group norm costs."""
+    if threads > 1 and cooperative_bytes > COOPERATIVE_BYTES:
+        return Plan(parallel=True, parts=threads, chunks=threads, cooperative=True)
     parts = num_parts(units, unit_elements, threads)
     if threads == 1 or (units == 1 and parts == 1):
         return SERIAL  # one unit, not worth splitting: a parallel launch would run one chunk

@@ -128,7 +128,7 @@ def group_moments(
     # One value per channel: (N, C) memory, the same in both layouts; the NCHW kernels' slabs are
     # then the groups' contiguous channels.
     channels_last = channels_last and geometry.spatial > 1
-    parallel, parts, _ = _plan(geometry, channels_last)
+    parallel, parts = _plan(geometry, channels_last)[:2]
     # The moments a caller asks for are summed in float64 throughout: exact to float64 rounding.
     if parallel:
         with _threading.kernel_guard():
@@ -173,10 +173,12 @@ def _empty_in_order(x: np.ndarray, geometry: Geometry, channels_last: bool) -> n
     return np.moveaxis(np.empty(np.moveaxis(x, *axes).shape, x.dtype), *axes[::-1])
 
 
-def _plan(geometry: Geometry, channels_last: bool) -> _schedule.Plan:
+def _plan(geometry: Geometry, channels_last: bool, in_place_itemsize: int = 0) -> _schedule.Plan:
+    """``in_place_itemsize``: the itemsize of an in-place group norm (NHWC samples may then be
+    normalized cooperatively), else 0."""
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
     if channels_last:
-        return _schedule.plan(n, s * c)
+        return _schedule.plan(n, s * c, cooperative_bytes=s * c * in_place_itemsize)
     return _schedule.plan(n * g, (c // g) * s)
 
 
@@ -206,7 +208,7 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     plan = (
         _schedule.SERIAL
         if source.size < _schedule.SERIAL_ELEMENTS
-        else _plan(geometry, channels_last)
+        else _plan(geometry, channels_last, source.itemsize if out is None else 0)
     )
     # Moments summed in the input's precision, unless eps is too small for that (see moments).
     sum_type = _NATIVE_SUM_TYPES[source.dtype] if eps >= moments.NATIVE_MIN_EPS else 0.0
@@ -227,9 +229,13 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     if not plan.parallel:
         serial(source, target, *dims, weight, bias, eps, sum_type, 1)
         return x if out is None else out
-    # One unit per thread (fused), or units split into parts when they are fewer (see _schedule).
+    # One unit per thread (fused), units split into parts when they are fewer, or large NHWC
+    # samples one after the other by all threads (cooperative); see _schedule.
     with _threading.kernel_guard():
-        if plan.parts == 1:
+        if plan.cooperative:
+            nhwc.group_norm_cooperative(source, target, *dims, weight, bias, eps, sum_type,
+                                        plan.parts)  # fmt: skip
+        elif plan.parts == 1:
             fused(source, target, *dims, weight, bias, eps, sum_type, plan.chunks)
         else:
             split(source, target, *dims, weight, bias, eps, sum_type, plan.parts)

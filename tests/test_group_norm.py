@@ -13,7 +13,7 @@ from reference import (
 
 import nbgn
 from nbgn import _schedule
-from nbgn.kernels import nchw
+from nbgn.kernels import nchw, nhwc
 
 SHAPES = [(3, 8), (2, 8, 5), (2, 8, 5, 6), (2, 8, 3, 4, 5)]  # (N, C, *spatial), 0 to 3 spatial dims
 DTYPES = [np.float32, np.float64]
@@ -77,18 +77,23 @@ def _assert_matches_reference(x, groups, layout):
 
 
 @pytest.mark.parametrize(
-    ("units", "unit_elements", "expected"),
+    ("units", "unit_elements", "expected", "itemsize"),
     [
-        (1, 16 * 128 * 128, _schedule.Plan(True, 2, 1)),  # one big group: split in two
-        (1, 4 * 128 * 128, _schedule.SERIAL),  # one group too small to split: no launch
-        (3, 6 * 64 * 64, _schedule.Plan(True, 1, 2)),  # parts would be under MIN_PART_ELEMENTS
-        (3, 1 << 18, _schedule.Plan(True, 2, 2)),  # 3 units on 2 threads: halves even it out
-        (32, 64 * 49, _schedule.Plan(True, 1, 2)),  # many units: one run of them per thread
+        (1, 16 * 128 * 128, _schedule.Plan(True, 2, 1), 0),  # one big group: split in two
+        (1, 4 * 128 * 128, _schedule.SERIAL, 0),  # one group too small to split: no launch
+        (3, 6 * 64 * 64, _schedule.Plan(True, 1, 2), 0),  # parts would be under MIN_PART_ELEMENTS
+        (3, 1 << 18, _schedule.Plan(True, 2, 2), 0),  # 3 units on 2 threads: halves even it out
+        (32, 64 * 49, _schedule.Plan(True, 1, 2), 0),  # many units: one run of them per thread
+        # NHWC in place, samples of more than 1 MiB: all threads on one sample after the other.
+        (64, 16 * 112 * 112, _schedule.Plan(True, 2, 2, True), 8),  # the seed in float64
+        (64, 16 * 112 * 112, _schedule.Plan(True, 1, 2), 4),  # in float32: 0.8 MB samples
+        (1, 8 * 256 * 256, _schedule.Plan(True, 2, 2, True), 4),  # one sample: instead of a split
     ],
 )
-def test_two_thread_plans(units, unit_elements, expected):
-    """The shapes above take the paths their comments say (the plan for 2 threads)."""
-    assert _schedule._parallel_plan(units, unit_elements, 2) == expected
+def test_two_thread_plans(units, unit_elements, expected, itemsize):
+    """The shapes above take the paths their comments say (the plan for 2 threads; ``itemsize``:
+    an NHWC group norm in place)."""
+    assert _schedule._parallel_plan(units, unit_elements, 2, unit_elements * itemsize) == expected
 
 
 @pytest.mark.parametrize("parts", [2, 3, 5])
@@ -96,7 +101,11 @@ def test_two_thread_plans(units, unit_elements, expected):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
     """Force the split path (moments per part, merged with Chan's formula) whatever the core count."""
-    monkeypatch.setattr(_schedule, "plan", lambda units, elements: _schedule.Plan(True, parts, 1))
+    monkeypatch.setattr(
+        _schedule,
+        "plan",
+        lambda units, elements, cooperative_bytes=0: _schedule.Plan(True, parts, 1),
+    )
     x = make_input((2, 6, 37, 29), layout, dtype, rng, scale=1e-2, offset=300.0)
     weight, bias = _affine(rng, 6, True)
     expected = reference_group_norm(x, 3, weight, bias, 1e-5, layout)
@@ -106,6 +115,58 @@ def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
     grouped = to_channels_first(x.astype(np.float64), layout).reshape(2, 3, -1)
     np.testing.assert_allclose(mean, grouped.mean(-1), rtol=1e-14)
     np.testing.assert_allclose(var, grouped.var(-1), rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_samples", [1, 3])
+def test_cooperative_path(rng, num_samples, dtype):
+    """NHWC in place with samples of more than COOPERATIVE_BYTES: every thread on each sample in
+    turn. Far from zero, with a constant group (exactly bias, eps=0), a NaN group and a first value
+    far out among normal ones; allocating takes the other kernels, to the same result."""
+    shape = (num_samples, 32, 96, 96)  # 1.2 MB samples in float32
+    n, c = shape[:2]
+    assert c * 96 * 96 * np.dtype(dtype).itemsize > _schedule.COOPERATIVE_BYTES
+    assert _schedule.plan(n, c * 96 * 96, c * 96 * 96 * np.dtype(dtype).itemsize).cooperative == (
+        numba.get_num_threads() > 1
+    )
+    x = make_input(shape, "NHWC", dtype, rng, offset=3e3)
+    x[-1, ..., 8:16] = 7.25  # the last sample's group 1 (of 4): constant
+    x[0, 50, 70, 28] = np.nan  # the first sample's group 3
+    x[0, 0, 0, 0] += 1e3  # the first value of the first sample's group 0
+    weight, bias = _affine(rng, c, True)
+    expected = reference_group_norm(x, 4, weight, bias, 0.0, "NHWC")
+    expected[-1, ..., 8:16] = bias[8:16]  # 0 / sqrt(0) in the reference: nbgn gives the bias
+    allocated = nbgn.group_norm(x, 4, weight, bias, eps=0.0, layout="NHWC")
+    nbgn.group_norm(x, 4, weight, bias, eps=0.0, layout="NHWC", out=x)
+    for result in (x, allocated):
+        np.testing.assert_array_equal(
+            result[-1, ..., 8:16], np.broadcast_to(bias[8:16], (96, 96, 8)).astype(dtype)
+        )
+        assert np.isnan(result[0, ..., 24:]).all()
+        assert np.isnan(result).sum() == 96 * 96 * 8
+        np.testing.assert_allclose(result, expected, atol=tolerance(dtype))
+
+
+@pytest.mark.parametrize(("threads", "parts"), [(1, 2), (1, 3), (2, 3)])
+def test_cooperative_parts_of_threads_that_never_start(rng, threads, parts):
+    """A threading layer may run the cooperative kernel's loop bodies one after another on one
+    thread: a part whose thread has not started is taken by one that has, so nothing waits forever.
+    ``parts`` loop bodies on ``threads`` threads, against the reference."""
+    x = make_input((3, 8, 40, 40), "NHWC", np.float64, rng, offset=5.0)
+    weight, bias = _affine(rng, 8, True)
+    expected = reference_group_norm(x, 2, weight, bias, 1e-5, "NHWC")
+    out = np.empty_like(x)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(min(threads, previous))
+    try:
+        nhwc.group_norm_cooperative(x.ravel(), out.ravel(), 3, 1600, 8, 2, weight, bias, 1e-5,
+                                    0.0, parts)  # fmt: skip
+        nhwc.group_norm_cooperative(x.ravel(), None, 3, 1600, 8, 2, weight, bias, 1e-5, 0.0,
+                                    parts)  # fmt: skip
+    finally:
+        numba.set_num_threads(previous)
+    np.testing.assert_allclose(out, expected, atol=tolerance(np.float64))
+    np.testing.assert_allclose(x, expected, atol=tolerance(np.float64))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -257,12 +318,14 @@ def test_seed_walkthrough_statistics():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels", [5, 16, 48])
-@pytest.mark.parametrize("split", [False, True])
-def test_any_buffer_alignment(rng, monkeypatch, dtype, channels, split):
+@pytest.mark.parametrize("plan", [None, _schedule.Plan(True, 3, 1), _schedule.Plan(True, 3, 3, True)],
+                         ids=["own", "split", "cooperative"])  # fmt: skip
+def test_any_buffer_alignment(rng, monkeypatch, dtype, channels, plan):
     """Arrays starting anywhere in a 64-byte line: the NHWC normalization starts its rows where
     the buffer is aligned, and the first values (the skew) take rotated lane coefficients."""
-    if split:
-        monkeypatch.setattr(_schedule, "plan", lambda units, elements: _schedule.Plan(True, 3, 1))
+    if plan is not None:  # these arrays are small: without the threshold they would run serially
+        monkeypatch.setattr(_schedule, "SERIAL_ELEMENTS", 0)
+        monkeypatch.setattr(_schedule, "plan", lambda units, elements, cooperative_bytes=0: plan)
     shape = (2, 37, 9, channels)  # NHWC: 333 positions, not a multiple of the lane rows
     size = int(np.prod(shape))
     weight, bias = _affine(rng, channels, True)

@@ -26,6 +26,7 @@ import numba
 import numpy as np
 
 from ._compile import parallel_and_serial
+from .atomics import atomic_add, atomic_load, spin_pause
 from .moments import (
     APPLY_CHUNK,
     REDUCTION_FASTMATH,
@@ -706,3 +707,91 @@ def _group_norm_split(x, out, num_samples, spatial, channels, num_groups, weight
 
 
 group_norm_split = numba.njit(cache=True, parallel=True)(_group_norm_split)
+
+
+@numba.njit(cache=True)
+def cooperative_scratch(x, num_samples, spatial, channels, num_groups, num_threads):
+    """``(progress, partial, refs, started)`` for ``_group_norm_cooperative``: per sample a count
+    of finished moment parts and a claim per moment and per normalization part; the parts'
+    moments and each group's first value (as for ``split_scratch``); a flag per thread, set when
+    it starts. Compiled on its own, like ``split_scratch``."""
+    partial, refs = split_scratch(x, num_samples, spatial, channels, num_groups, num_threads)
+    progress = np.zeros(num_samples * (1 + 2 * num_threads), np.int64)
+    started = np.zeros(num_threads, np.int64)
+    return progress, partial, refs, started
+
+
+@numba.njit(inline="always")
+def claim(progress, started, slot, part, thread, num_threads):
+    """Whether ``thread`` takes ``part``: its own part, or the part of a thread that has not
+    started (so that a layer running the threads' loop bodies one after another still finishes),
+    and nobody took it before (``progress[slot]``, counted atomically)."""
+    owner = part % num_threads
+    if owner != thread and atomic_load(started, owner) != 0:
+        return False
+    return atomic_add(progress, slot, 1) == 0
+
+
+@numba.njit(cache=True)
+def normalize_samples_together(x, out, num_samples, spatial, channels, num_groups, weight, bias,
+                               eps, sum_type, thread, num_threads, progress, partial, refs,
+                               started):  # fmt: skip
+    """``thread``'s share of ``_group_norm_cooperative``: for each sample in turn, the moments of
+    its part of the positions, a wait for the other parts' moments, then the normalization of its
+    part with the sample's merged moments (``merged_group_coefficients``)."""
+    channels_per_group = channels // num_groups
+    sample_length = spatial * channels
+    positions = spatial // num_threads + 16  # part_bounds' parts, rounded down to 16 positions
+    lane_space, wide, lane_group = lane_scratch(positions, channels, num_groups, sum_type)
+    apply_space = aligned_full(3 * lane_positions(channels, positions) * channels,
+                               cast_like(0.0, x))  # fmt: skip
+    stats = np.empty((num_groups, 3))
+    merge_space = np.empty((1, 3))
+    coefficients = np.empty((channels, 3), x.dtype)
+    atomic_add(started, thread, 1)
+    for n in range(num_samples):
+        slots = n * (1 + 2 * num_threads)  # moments done, then a claim per part and phase
+        for i in range(num_threads):
+            part = (thread + i) % num_threads
+            if not claim(progress, started, slots + 1 + part, part, thread, num_threads):
+                continue
+            start, stop = part_bounds(spatial, num_threads, part)
+            stats[:] = 0.0
+            sample_moments(x, n * sample_length, start, stop, channels, num_groups, stats,
+                           lane_space, wide, lane_group)  # fmt: skip
+            for g in range(num_groups):
+                for k in range(3):
+                    partial[(n * num_groups + g) * num_threads + part, k] = stats[g, k]
+            atomic_add(progress, slots, 1)
+        while atomic_load(progress, slots) < num_threads:
+            spin_pause()
+        for i in range(num_threads):
+            part = (thread + i) % num_threads
+            if not claim(progress, started, slots + 1 + num_threads + part, part, thread,
+                         num_threads):  # fmt: skip
+                continue
+            for g in range(num_groups):
+                merged_group_coefficients(partial, refs, num_threads, n * num_groups + g,
+                                          num_groups, channels_per_group, weight, bias, eps,
+                                          merge_space, coefficients, g * channels_per_group)  # fmt: skip
+            start, stop = part_bounds(spatial, num_threads, part)
+            apply_positions(x, out, n * sample_length, start, stop, channels, coefficients,
+                            apply_space)  # fmt: skip
+
+
+def _group_norm_cooperative(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
+                            sum_type, num_threads):  # fmt: skip
+    """Normalize the samples one after the other, each by all ``num_threads`` threads together,
+    a range of positions each (``normalize_samples_together``); arguments as for
+    ``_group_norm_fused``. For samples larger than a core's L2, which a thread alone would read
+    again from L3 or memory: a thread's range is read again from its own L2. One launch; the
+    threads wait for each other once a sample, on atomic counters."""
+    progress, partial, refs, started = cooperative_scratch(x, num_samples, spatial, channels,
+                                                           num_groups, num_threads)  # fmt: skip
+    for thread in numba.prange(num_threads):
+        normalize_samples_together(x, out, num_samples, spatial, channels, num_groups, weight,
+                                   bias, eps, sum_type, thread, num_threads, progress, partial,
+                                   refs, started)  # fmt: skip
+
+
+group_norm_cooperative = numba.njit(cache=True, parallel=True)(_group_norm_cooperative)
