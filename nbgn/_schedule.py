@@ -14,9 +14,9 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
   moments merged exactly (Chan), so that what the first loop left in the caches is reused. Parts
   smaller than ``MIN_PART_ELEMENTS`` are not worth a thread; a single unit not worth splitting runs
   serially.
-- In place, NHWC samples larger than a core's L2 (``COOPERATIVE_BYTES``) are normalized one after
-  the other by all threads together, a part each, waiting for each other's moments once a sample:
-  each thread's second read then comes from its own L2 rather than from L3 or memory.
+- In place, units larger than a core's L2 (``COOPERATIVE_BYTES``) are normalized one after the
+  other by all threads together, a part each, waiting for each other's moments once a unit: each
+  thread's second read then comes from its own L2 rather than from L3 or memory.
 - NCHW float32 slabs of many short channels with their own weights go through per-group weight
   patterns (``channel_patterns``): one flat loop per slab instead of one per channel.
 - NCHW slabs of at most ``nchw.SHORT_SLAB`` values (spatial dimensions of a few values, or none)
@@ -42,13 +42,15 @@ SERIAL_ELEMENTS = 1 << 15
 #: took 13 us against 9 us on one core; 1 MiB, 2 parts of 128K, 14 us against 17 us).
 MIN_PART_ELEMENTS = 1 << 17
 
-#: In place, NHWC samples of more than this many bytes are normalized by all threads together, one
-#: sample after the other (``nhwc.group_norm_cooperative``): a thread's part then fits its L2 (1 MiB
-#: here) for the second read, where a whole sample would come again from L3 or memory. Seed (64, 16,
-#: 112, 112)/4 float64, 1.6 MB samples: 3.73-3.80 ms alone, 3.20-3.24 ms together (0.93-0.98 of the
-#: roofline); with 0.8 MB samples (float32) together was slower. One sample: as fast as the split
-#: kernel, in one launch instead of two. Not out of place: into a warm output it gained nothing, and
-#: into a new one it lost 18% (two threads taking the OS's fresh pages of one sample at once).
+#: In place, units of more than this many bytes are normalized by all threads together, one unit
+#: after the other (``nhwc.group_norm_cooperative``, ``nchw.group_norm_cooperative``): a thread's
+#: part then fits its L2 (1 MiB here) for the second read, where a whole unit would come again from
+#: L3 or memory. Seed (64, 16, 112, 112)/4 NHWC float64, 1.6 MB samples: 3.73-3.80 ms alone,
+#: 3.20-3.24 ms together (0.93-0.98 of the roofline); (1, 32, 512, 512)/8 NCHW float32, 4 MiB slabs:
+#: 752 -> 667 us. Smaller units together were slower (0.8 MB NHWC samples, 0.4 MB NCHW slabs). A
+#: single unit: as fast as the split kernel, in one launch instead of two. Not out of place: into a
+#: warm output it gained little, into a new one NHWC lost 18% (two threads taking the OS's fresh
+#: pages of one unit at once).
 COOPERATIVE_BYTES = 1 << 20
 
 #: With at least this many units per thread, uneven finishing costs at most ~1/8 of a unit each.

@@ -174,12 +174,12 @@ def _empty_in_order(x: np.ndarray, geometry: Geometry, channels_last: bool) -> n
 
 
 def _plan(geometry: Geometry, channels_last: bool, in_place_itemsize: int = 0) -> _schedule.Plan:
-    """``in_place_itemsize``: the itemsize of an in-place group norm (NHWC samples may then be
+    """``in_place_itemsize``: the itemsize of an in-place group norm (whose units may then be
     normalized cooperatively), else 0."""
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
     if channels_last:
-        return _schedule.plan(n, s * c, cooperative_bytes=s * c * in_place_itemsize)
-    return _schedule.plan(n * g, (c // g) * s)
+        return _schedule.plan(n, s * c, s * c * in_place_itemsize)
+    return _schedule.plan(n * g, (c // g) * s, (c // g) * s * in_place_itemsize)
 
 
 def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=False):
@@ -218,23 +218,22 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
             fused, serial = nhwc.group_norm_small, nhwc.group_norm_small_serial
         else:
             fused, serial = nhwc.group_norm_fused, nhwc.group_norm_fused_serial
-        split = nhwc.group_norm_split
+        split, cooperative = nhwc.group_norm_split, nhwc.group_norm_cooperative
     else:
         dims = (n, c, s, g)
         if affine and _schedule.channel_patterns(n, c // g, s, source.itemsize):
             fused, serial = nchw.group_norm_patterned, nchw.group_norm_patterned_serial
         else:
             fused, serial = nchw.group_norm_fused, nchw.group_norm_fused_serial
-        split = nchw.group_norm_split
+        split, cooperative = nchw.group_norm_split, nchw.group_norm_cooperative
     if not plan.parallel:
         serial(source, target, *dims, weight, bias, eps, sum_type, 1)
         return x if out is None else out
-    # One unit per thread (fused), units split into parts when they are fewer, or large NHWC
-    # samples one after the other by all threads (cooperative); see _schedule.
+    # One unit per thread (fused), units split into parts when they are fewer, or large units one
+    # after the other by all threads (cooperative); see _schedule.
     with _threading.kernel_guard():
         if plan.cooperative:
-            nhwc.group_norm_cooperative(source, target, *dims, weight, bias, eps, sum_type,
-                                        plan.parts)  # fmt: skip
+            cooperative(source, target, *dims, weight, bias, eps, sum_type, plan.parts)
         elif plan.parts == 1:
             fused(source, target, *dims, weight, bias, eps, sum_type, plan.chunks)
         else:

@@ -84,10 +84,11 @@ def _assert_matches_reference(x, groups, layout):
         (3, 6 * 64 * 64, _schedule.Plan(True, 1, 2), 0),  # parts would be under MIN_PART_ELEMENTS
         (3, 1 << 18, _schedule.Plan(True, 2, 2), 0),  # 3 units on 2 threads: halves even it out
         (32, 64 * 49, _schedule.Plan(True, 1, 2), 0),  # many units: one run of them per thread
-        # NHWC in place, samples of more than 1 MiB: all threads on one sample after the other.
+        # In place, units of more than 1 MiB: all threads on one unit after the other.
         (64, 16 * 112 * 112, _schedule.Plan(True, 2, 2, True), 8),  # the seed in float64
         (64, 16 * 112 * 112, _schedule.Plan(True, 1, 2), 4),  # in float32: 0.8 MB samples
         (1, 8 * 256 * 256, _schedule.Plan(True, 2, 2, True), 4),  # one sample: instead of a split
+        (8, 4 * 512 * 512, _schedule.Plan(True, 2, 2, True), 4),  # NCHW (1, 32, 512, 512)/8
     ],
 )
 def test_two_thread_plans(units, unit_elements, expected, itemsize):
@@ -117,52 +118,57 @@ def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
     np.testing.assert_allclose(var, grouped.var(-1), rtol=1e-9)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_samples", [1, 3])
-def test_cooperative_path(rng, num_samples, dtype):
-    """NHWC in place with samples of more than COOPERATIVE_BYTES: every thread on each sample in
-    turn. Far from zero, with a constant group (exactly bias, eps=0), a NaN group and a first value
-    far out among normal ones; allocating takes the other kernels, to the same result."""
-    shape = (num_samples, 32, 96, 96)  # 1.2 MB samples in float32
+def test_cooperative_path(rng, num_samples, dtype, layout):
+    """In place, units (NHWC samples, NCHW slabs) of more than COOPERATIVE_BYTES: every thread on
+    each unit in turn. Far from zero, with a constant group (exactly bias, eps=0), a NaN group and a
+    first value far out among normal ones; allocating takes the other kernels, to the same result."""
+    shape = (num_samples, 32, 192, 192)  # 4 groups: 1.2 MB slabs in float32
     n, c = shape[:2]
-    assert c * 96 * 96 * np.dtype(dtype).itemsize > _schedule.COOPERATIVE_BYTES
-    assert _schedule.plan(n, c * 96 * 96, c * 96 * 96 * np.dtype(dtype).itemsize).cooperative == (
-        numba.get_num_threads() > 1
-    )
-    x = make_input(shape, "NHWC", dtype, rng, offset=3e3)
-    x[-1, ..., 8:16] = 7.25  # the last sample's group 1 (of 4): constant
-    x[0, 50, 70, 28] = np.nan  # the first sample's group 3
-    x[0, 0, 0, 0] += 1e3  # the first value of the first sample's group 0
+    unit = 8 * 192 * 192 if layout == "NCHW" else c * 192 * 192
+    units = n * 4 if layout == "NCHW" else n
+    assert unit * np.dtype(dtype).itemsize > _schedule.COOPERATIVE_BYTES
+    plan = _schedule.plan(units, unit, unit * np.dtype(dtype).itemsize)
+    assert plan.cooperative == (numba.get_num_threads() > 1)
+    first = rng.standard_normal(shape) + 3e3
+    first[-1, 8:16] = 7.25  # the last sample's group 1: constant
+    first[0, 28, 50, 70] = np.nan  # the first sample's group 3
+    first[0, 0, 0, 0] += 1e3  # the first value of the first sample's group 0
+    x = np.ascontiguousarray(from_channels_first(first, layout)).astype(dtype)
     weight, bias = _affine(rng, c, True)
-    expected = reference_group_norm(x, 4, weight, bias, 0.0, "NHWC")
-    expected[-1, ..., 8:16] = bias[8:16]  # 0 / sqrt(0) in the reference: nbgn gives the bias
-    allocated = nbgn.group_norm(x, 4, weight, bias, eps=0.0, layout="NHWC")
-    nbgn.group_norm(x, 4, weight, bias, eps=0.0, layout="NHWC", out=x)
-    for result in (x, allocated):
-        np.testing.assert_array_equal(
-            result[-1, ..., 8:16], np.broadcast_to(bias[8:16], (96, 96, 8)).astype(dtype)
-        )
-        assert np.isnan(result[0, ..., 24:]).all()
-        assert np.isnan(result).sum() == 96 * 96 * 8
+    expected = to_channels_first(reference_group_norm(x, 4, weight, bias, 0.0, layout), layout)
+    constant = np.broadcast_to(bias[8:16, None, None], (8, 192, 192)).astype(dtype)
+    expected[-1, 8:16] = constant  # 0 / sqrt(0) in the reference: nbgn gives the bias
+    allocated = nbgn.group_norm(x, 4, weight, bias, eps=0.0, layout=layout)
+    nbgn.group_norm(x, 4, weight, bias, eps=0.0, layout=layout, out=x)
+    for result in (to_channels_first(x, layout), to_channels_first(allocated, layout)):
+        np.testing.assert_array_equal(result[-1, 8:16], constant)
+        assert np.isnan(result[0, 24:]).all()
+        assert np.isnan(result).sum() == 8 * 192 * 192
         np.testing.assert_allclose(result, expected, atol=tolerance(dtype))
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("threads", "parts"), [(1, 2), (1, 3), (2, 3)])
-def test_cooperative_parts_of_threads_that_never_start(rng, threads, parts):
-    """A threading layer may run the cooperative kernel's loop bodies one after another on one
+def test_cooperative_parts_of_threads_that_never_start(rng, threads, parts, layout):
+    """A threading layer may run the cooperative kernels' loop bodies one after another on one
     thread: a part whose thread has not started is taken by one that has, so nothing waits forever.
     ``parts`` loop bodies on ``threads`` threads, against the reference."""
-    x = make_input((3, 8, 40, 40), "NHWC", np.float64, rng, offset=5.0)
+    x = make_input((3, 8, 40, 40), layout, np.float64, rng, offset=5.0)
     weight, bias = _affine(rng, 8, True)
-    expected = reference_group_norm(x, 2, weight, bias, 1e-5, "NHWC")
+    expected = reference_group_norm(x, 2, weight, bias, 1e-5, layout)
     out = np.empty_like(x)
+    kernel, dims = {
+        "NCHW": (nchw.group_norm_cooperative, (3, 8, 1600, 2)),
+        "NHWC": (nhwc.group_norm_cooperative, (3, 1600, 8, 2)),
+    }[layout]
     previous = numba.get_num_threads()
     numba.set_num_threads(min(threads, previous))
     try:
-        nhwc.group_norm_cooperative(x.ravel(), out.ravel(), 3, 1600, 8, 2, weight, bias, 1e-5,
-                                    0.0, parts)  # fmt: skip
-        nhwc.group_norm_cooperative(x.ravel(), None, 3, 1600, 8, 2, weight, bias, 1e-5, 0.0,
-                                    parts)  # fmt: skip
+        kernel(x.ravel(), out.ravel(), *dims, weight, bias, 1e-5, 0.0, parts)
+        kernel(x.ravel(), None, *dims, weight, bias, 1e-5, 0.0, parts)
     finally:
         numba.set_num_threads(previous)
     np.testing.assert_allclose(out, expected, atol=tolerance(np.float64))

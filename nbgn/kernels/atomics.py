@@ -5,6 +5,8 @@ Numba has no atomics; these intrinsics emit LLVM's. ``atomic_add`` is sequential
 the count.
 """
 
+import numba
+import numpy as np
 from llvmlite import binding, ir
 from numba import types
 from numba.core import cgutils
@@ -60,3 +62,29 @@ def spin_pause(typingctx):
         return context.get_dummy_value()
 
     return signature, codegen
+
+
+@numba.njit(inline="always")
+def cooperative_counters(num_units, num_threads):
+    """``(progress, started)`` for threads that take units one after the other, a part each (see
+    ``claim``): per unit a count of finished first-phase parts, then a claim per part and phase;
+    a flag per thread, set when it starts."""
+    return np.zeros(num_units * (1 + 2 * num_threads), np.int64), np.zeros(num_threads, np.int64)
+
+
+@numba.njit(inline="always")
+def claim(progress, started, slot, part, thread, num_threads):
+    """Whether ``thread`` takes ``part``: its own part, or the part of a thread that has not
+    started (so that a layer running the threads' loop bodies one after another still finishes),
+    and nobody took it before (``progress[slot]``, counted atomically)."""
+    owner = part % num_threads
+    if owner != thread and atomic_load(started, owner) != 0:
+        return False
+    return atomic_add(progress, slot, 1) == 0
+
+
+@numba.njit(inline="always")
+def wait_for(progress, slot, count):
+    """Spin until ``progress[slot]`` reaches ``count``."""
+    while atomic_load(progress, slot) < count:
+        spin_pause()

@@ -21,6 +21,7 @@ import numba
 import numpy as np
 
 from ._compile import parallel_and_serial
+from .atomics import atomic_add, claim, cooperative_counters, wait_for
 from .moments import (
     APPLY_CHUNK,
     aligned_full,
@@ -401,3 +402,57 @@ def _group_norm_split(x, out, num_samples, channels, spatial, num_groups, weight
 
 
 group_norm_split = numba.njit(cache=True, parallel=True)(_group_norm_split)
+
+
+@numba.njit(cache=True)
+def cooperative_scratch(x, num_slabs, slab_length, num_threads):
+    """``(progress, partial, refs, started)`` for ``_group_norm_cooperative``: the counters of
+    ``atomics.cooperative_counters`` and the scratch of ``split_scratch``. Compiled on its own,
+    like ``split_scratch``."""
+    partial, refs = split_scratch(x, num_slabs, slab_length, num_threads)
+    progress, started = cooperative_counters(num_slabs, num_threads)
+    return progress, partial, refs, started
+
+
+@numba.njit(cache=True)
+def normalize_slabs_together(x, out, num_slabs, channels, spatial, num_groups, weight, bias, eps,
+                             sum_type, thread, num_threads, progress, partial, refs,
+                             started):  # fmt: skip
+    """``thread``'s share of ``_group_norm_cooperative``: for each slab in turn, the moments of its
+    part (``part_moments``), a wait for the other parts' moments, then the normalization of its
+    part with the slab's merged moments (``apply_part``)."""
+    slab_length = (channels // num_groups) * spatial
+    atomic_add(started, thread, 1)
+    for slab in range(num_slabs):
+        slots = slab * (1 + 2 * num_threads)  # moments done, then a claim per part and phase
+        for i in range(num_threads):
+            part = (thread + i) % num_threads
+            if claim(progress, started, slots + 1 + part, part, thread, num_threads):
+                part_moments(x, slab_length, num_threads, slab * num_threads + part, refs[slab],
+                             partial, sum_type)  # fmt: skip
+                atomic_add(progress, slots, 1)
+        wait_for(progress, slots, num_threads)
+        for i in range(num_threads):
+            part = (thread + i) % num_threads
+            if claim(progress, started, slots + 1 + num_threads + part, part, thread,
+                     num_threads):  # fmt: skip
+                apply_part(x, out, partial, refs, channels, spatial, num_groups, num_threads,
+                           slab * num_threads + part, weight, bias, eps)  # fmt: skip
+
+
+def _group_norm_cooperative(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
+                            sum_type, num_threads):  # fmt: skip
+    """Normalize the slabs one after the other, each by all ``num_threads`` threads together, a
+    part each (``normalize_slabs_together``); arguments as for ``_group_norm_fused``. For slabs
+    larger than a core's L2: a thread's part is read again from its own L2. One launch; the threads
+    wait for each other once a slab, on atomic counters."""
+    num_slabs = num_samples * num_groups
+    slab_length = (channels // num_groups) * spatial
+    progress, partial, refs, started = cooperative_scratch(x, num_slabs, slab_length, num_threads)
+    for thread in numba.prange(num_threads):
+        normalize_slabs_together(x, out, num_slabs, channels, spatial, num_groups, weight, bias,
+                                 eps, sum_type, thread, num_threads, progress, partial, refs,
+                                 started)  # fmt: skip
+
+
+group_norm_cooperative = numba.njit(cache=True, parallel=True)(_group_norm_cooperative)

@@ -26,7 +26,7 @@ import numba
 import numpy as np
 
 from ._compile import parallel_and_serial
-from .atomics import atomic_add, atomic_load, spin_pause
+from .atomics import atomic_add, claim, cooperative_counters, wait_for
 from .moments import (
     APPLY_CHUNK,
     REDUCTION_FASTMATH,
@@ -716,20 +716,8 @@ def cooperative_scratch(x, num_samples, spatial, channels, num_groups, num_threa
     moments and each group's first value (as for ``split_scratch``); a flag per thread, set when
     it starts. Compiled on its own, like ``split_scratch``."""
     partial, refs = split_scratch(x, num_samples, spatial, channels, num_groups, num_threads)
-    progress = np.zeros(num_samples * (1 + 2 * num_threads), np.int64)
-    started = np.zeros(num_threads, np.int64)
+    progress, started = cooperative_counters(num_samples, num_threads)
     return progress, partial, refs, started
-
-
-@numba.njit(inline="always")
-def claim(progress, started, slot, part, thread, num_threads):
-    """Whether ``thread`` takes ``part``: its own part, or the part of a thread that has not
-    started (so that a layer running the threads' loop bodies one after another still finishes),
-    and nobody took it before (``progress[slot]``, counted atomically)."""
-    owner = part % num_threads
-    if owner != thread and atomic_load(started, owner) != 0:
-        return False
-    return atomic_add(progress, slot, 1) == 0
 
 
 @numba.njit(cache=True)
@@ -763,8 +751,7 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
                 for k in range(3):
                     partial[(n * num_groups + g) * num_threads + part, k] = stats[g, k]
             atomic_add(progress, slots, 1)
-        while atomic_load(progress, slots) < num_threads:
-            spin_pause()
+        wait_for(progress, slots, num_threads)
         for i in range(num_threads):
             part = (thread + i) % num_threads
             if not claim(progress, started, slots + 1 + num_threads + part, part, thread,
