@@ -16,10 +16,12 @@ contiguous run (``moments.contiguous_moments``).
 
 Work is split into ``num_chunks`` contiguous runs of samples, one per thread, so that each thread
 allocates its scratch once rather than once per sample; samples of at most ``SMALL_SAMPLE`` values
-are normalized row by row, without lanes, by a kernel of their own (``group_norm_small``).
+are normalized row by row, without lanes, by a kernel of their own (``group_norm_small``). In place,
+samples larger than a core's L2 go one after the other, each by all threads together
+(``group_norm_cooperative``).
 Parallel loops only call functions compiled on their own (``normalize_samples``,
-``normalize_small_samples``, ``part_moments``, ``apply_part``): the same code inlined into a
-``prange`` body ran at half the speed.
+``normalize_small_samples``, ``part_moments``, ``apply_part``, ``normalize_samples_together``): the
+same code inlined into a ``prange`` body ran at half the speed.
 """
 
 import numba
