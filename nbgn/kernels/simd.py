@@ -103,15 +103,7 @@ def _apply_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shif
                 ]
                 for array, lane_type in zip(lane_arrays, lane_types, strict=True)
             ]
-            entry = builder.block
-            header = function.append_basic_block(f"rows.{count}.header")
-            body = function.append_basic_block(f"rows.{count}.body")
-            builder.branch(header)
-            builder.position_at_end(header)
-            row = builder.phi(intp)
-            row.add_incoming(ir.Constant(intp, 0), entry)
-            builder.cbranch(builder.icmp_signed("<", row, num_rows), body, done)
-            builder.position_at_end(body)
+            row, body = _loop_from_zero(builder, f"rows.{count}", num_rows, done, intp)
             row_start = builder.add(first, builder.mul(row, ir.Constant(intp, count * lanes)))
             for v in range(count):
                 index = builder.add(row_start, ir.Constant(intp, v * lanes))
@@ -125,7 +117,7 @@ def _apply_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shif
                 destination = builder.bitcast(builder.gep(target.data, [index]), vector_pointer)
                 builder.store(result, destination, align=itemsize)
             row.add_incoming(builder.add(row, ir.Constant(intp, 1)), body)
-            builder.branch(header)
+            builder.branch(row.parent)
         builder.position_at_end(done)
         return context.get_dummy_value()
 
@@ -165,8 +157,6 @@ def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficient
         entry = builder.block
         channel_header = function.append_basic_block("channels.header")
         channel_body = function.append_basic_block("channels.body")
-        vector_header = function.append_basic_block("channels.vector_header")
-        vector_body = function.append_basic_block("channels.vector_body")
         last_vector = function.append_basic_block("channels.last_vector")
         done = function.append_basic_block("channels.done")
         lane_count = ir.Constant(intp, lanes)
@@ -198,17 +188,13 @@ def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficient
         # it, it must see the input, not the output.
         last_index = builder.add(channel_start, last_offset)
         last_value = builder.load(at(x_array, last_index), align=itemsize)
-        builder.branch(vector_header)
-        builder.position_at_end(vector_header)
-        offset = builder.phi(intp)
-        offset.add_incoming(ir.Constant(intp, 0), channel_body)
-        builder.cbranch(builder.icmp_signed("<", offset, last_offset), vector_body, last_vector)
-        builder.position_at_end(vector_body)
+        offset, vector_body = _loop_from_zero(builder, "channels.vector", last_offset, last_vector,
+                                              intp)  # fmt: skip
         index = builder.add(channel_start, offset)
         value = builder.load(at(x_array, index), align=itemsize)
         builder.store(normalized(value, center, scale, shift), at(target, index), align=itemsize)
         offset.add_incoming(builder.add(offset, lane_count), vector_body)
-        builder.branch(vector_header)
+        builder.branch(offset.parent)
         builder.position_at_end(last_vector)
         result = normalized(last_value, center, scale, shift)
         builder.store(result, at(target, last_index), align=itemsize)
@@ -218,6 +204,24 @@ def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficient
         return context.get_dummy_value()
 
     return signature, codegen
+
+
+def _loop_from_zero(builder, name, stop, exit_block, intp):
+    """Open a loop at the builder's position: ``(counter, body)``, the counter counting from 0 and
+    the body (where the builder is left) running while it is below ``stop``, else ``exit_block``.
+    The caller ends the body with ``counter.add_incoming(next value, its last block)`` and a branch
+    to ``counter``'s block."""
+    function = builder.function
+    entry = builder.block
+    header = function.append_basic_block(f"{name}.header")
+    body = function.append_basic_block(f"{name}.body")
+    builder.branch(header)
+    builder.position_at_end(header)
+    counter = builder.phi(intp)
+    counter.add_incoming(ir.Constant(intp, 0), entry)
+    builder.cbranch(builder.icmp_signed("<", counter, stop), body, exit_block)
+    builder.position_at_end(body)
+    return counter, body
 
 
 def _broadcast(builder, table, row, column, vector_type, intp):
