@@ -49,7 +49,8 @@ def main():
             counts[f"nchw.normalize_slabs_patterned [{name}, {variant}]"] = packed_count(
                 nchw.normalize_slabs_patterned
             )
-        nchw.normalize_rows(x.copy(), None, 0, 64, 0, 8, 0.5, 0.0, 2.0, weight, bias)
+        nchw.normalize_rows(x.copy(), None, 0, 64, 0, 8, 0.5, 0.0, 2.0, weight, bias,
+                            np.empty((8, 3), dtype))  # fmt: skip
         counts[f"nchw.normalize_rows [{name}, in place]"] = packed_count(nchw.normalize_rows)
         moments.shifted_sums(x, zero)
         counts[f"moments.shifted_sums [{name}]"] = packed_count(moments.shifted_sums)

@@ -55,10 +55,11 @@ def uniform_affine(weight, bias, first_channel, num_channels):
 
 @numba.njit(cache=True)
 def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi, mean_lo, rstd,
-                   weight, bias):  # fmt: skip
+                   weight, bias, coefficients):  # fmt: skip
     """Normalize a group's ``num_channels`` channels of ``spatial`` values (at most
     ``APPLY_CHUNK``) from flat ``start``, the last first; ``first_channel`` indexes ``weight`` and
-    ``bias``, the rest is ``moments.finalize_group``'s.
+    ``bias``, ``coefficients`` is ``(num_channels, 3)`` scratch of x's dtype, the rest is
+    ``moments.finalize_group``'s.
 
     The coefficients are folded first (``moments.fold_group``), then each channel is a row of a 2-D view:
     with channels of a few dozen values the per-channel overhead is half the cost, and that is the
@@ -66,7 +67,6 @@ def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi,
     (Merging runs of equal rows inside the loop stopped LLVM vectorizing it: callers check
     ``uniform_affine`` first.)
     """
-    coefficients = np.empty((num_channels, 3), x.dtype)
     fold_group(coefficients, 0, first_channel, num_channels, mean_hi, mean_lo, rstd, weight, bias)
     rows = x[start : start + num_channels * spatial].reshape((num_channels, spatial))
     for k in range(num_channels - 1, -1, -1):
@@ -230,7 +230,7 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
         elif out is None and channels_per_group >= ROWS_MIN_CHANNELS and spatial <= APPLY_CHUNK:
             # In place only: writing rows of a separate output measured slower than channels.
             normalize_rows(x, out, slab_start, spatial, first_channel, channels_per_group, mean_hi,
-                           mean_lo, rstd, weight, bias)  # fmt: skip
+                           mean_lo, rstd, weight, bias, coefficients)  # fmt: skip
         else:
             for k in range(channels_per_group - 1, -1, -1):
                 channel = first_channel + k

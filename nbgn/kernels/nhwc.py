@@ -626,20 +626,30 @@ def _group_norm_small(x, out, num_samples, spatial, channels, num_groups, weight
 group_norm_small, group_norm_small_serial = parallel_and_serial(_group_norm_small)
 
 
-@numba.njit(cache=True)
-def part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum_type):
-    """Moments of position range ``item % num_parts`` of sample ``item // num_parts``, group by
-    group, into rows ``(n * num_groups + g) * num_parts + item % num_parts`` of ``partial``."""
+@numba.njit(inline="always")
+def store_part_moments(x, spatial, channels, num_groups, num_parts, item, partial, stats,
+                       lane_space, wide, lane_group):  # fmt: skip
+    """``part_moments`` with its scratch given: ``stats``, ``(num_groups, 3)``, and
+    ``lane_scratch``'s arrays for the part's positions."""
     n = item // num_parts
     part = item % num_parts
     start, stop = part_bounds(spatial, num_parts, part)
-    lane_space, wide, lane_group = lane_scratch(stop - start, channels, num_groups, sum_type)
-    stats = np.zeros((num_groups, 3))
+    stats[:] = 0.0
     sample_moments(x, n * spatial * channels, start, stop, channels, num_groups, stats,
                    lane_space, wide, lane_group)  # fmt: skip
     for g in range(num_groups):
         for k in range(3):
             partial[(n * num_groups + g) * num_parts + part, k] = stats[g, k]
+
+
+@numba.njit(cache=True)
+def part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum_type):
+    """Moments of position range ``item % num_parts`` of sample ``item // num_parts``, group by
+    group, into rows ``(n * num_groups + g) * num_parts + item % num_parts`` of ``partial``."""
+    start, stop = part_bounds(spatial, num_parts, item % num_parts)
+    lane_space, wide, lane_group = lane_scratch(stop - start, channels, num_groups, sum_type)
+    store_part_moments(x, spatial, channels, num_groups, num_parts, item, partial,
+                       np.empty((num_groups, 3)), lane_space, wide, lane_group)  # fmt: skip
 
 
 @numba.njit(cache=True)
@@ -675,23 +685,32 @@ def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, s
 partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 
 
-@numba.njit(cache=True)
-def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight, bias,
-               eps):  # fmt: skip
-    """Normalize position range ``item % num_parts`` of sample ``item // num_parts``, with the
-    sample's moments merged from ``partial``."""
+@numba.njit(inline="always")
+def apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
+                    bias, eps, coefficients, stats, lane_space):  # fmt: skip
+    """``apply_part`` with its scratch given: ``coefficients``, ``(C, 3)`` of x's dtype; ``stats``,
+    ``(1, 3)``; ``lane_space`` for the part's positions (see ``apply_positions``)."""
     n = item // num_parts
     channels_per_group = channels // num_groups
-    coefficients = np.empty((channels, 3), x.dtype)
-    stats = np.empty((1, 3))
     for g in range(num_groups):
         merged_group_coefficients(partial, refs, num_parts, n * num_groups + g, num_groups,
                                   channels_per_group, weight, bias, eps, stats, coefficients,
                                   g * channels_per_group)  # fmt: skip
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
+    apply_positions(x, out, n * spatial * channels, start, stop, channels, coefficients,
+                    lane_space)  # fmt: skip
+
+
+@numba.njit(cache=True)
+def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight, bias,
+               eps):  # fmt: skip
+    """Normalize position range ``item % num_parts`` of sample ``item // num_parts``, with the
+    sample's moments merged from ``partial``."""
+    start, stop = part_bounds(spatial, num_parts, item % num_parts)
     lane_space = aligned_full(3 * lane_positions(channels, stop - start) * channels,
                               cast_like(0.0, x))  # fmt: skip
-    apply_positions(x, out, n * spatial * channels, start, stop, channels, coefficients,
+    apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
+                    bias, eps, np.empty((channels, 3), x.dtype), np.empty((1, 3)),
                     lane_space)  # fmt: skip
 
 
@@ -727,10 +746,9 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
                                eps, sum_type, thread, num_threads, progress, partial, refs,
                                started):  # fmt: skip
     """``thread``'s share of ``_group_norm_cooperative``: for each sample in turn, the moments of
-    its part of the positions, a wait for the other parts' moments, then the normalization of its
-    part with the sample's merged moments (``merged_group_coefficients``)."""
-    channels_per_group = channels // num_groups
-    sample_length = spatial * channels
+    its part of the positions (``store_part_moments``), a wait for the other parts' moments, then
+    the normalization of its part with the sample's merged moments (``apply_part_with``). The
+    scratch of both is allocated once."""
     positions = spatial // num_threads + 16  # part_bounds' parts, rounded down to 16 positions
     lane_space, wide, lane_group = lane_scratch(positions, channels, num_groups, sum_type)
     apply_space = aligned_full(3 * lane_positions(channels, positions) * channels,
@@ -743,29 +761,19 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
         slots = n * (1 + 2 * num_threads)  # moments done, then a claim per part and phase
         for i in range(num_threads):
             part = (thread + i) % num_threads
-            if not claim(progress, started, slots + 1 + part, part, thread, num_threads):
-                continue
-            start, stop = part_bounds(spatial, num_threads, part)
-            stats[:] = 0.0
-            sample_moments(x, n * sample_length, start, stop, channels, num_groups, stats,
-                           lane_space, wide, lane_group)  # fmt: skip
-            for g in range(num_groups):
-                for k in range(3):
-                    partial[(n * num_groups + g) * num_threads + part, k] = stats[g, k]
-            atomic_add(progress, slots, 1)
+            if claim(progress, started, slots + 1 + part, part, thread, num_threads):
+                store_part_moments(x, spatial, channels, num_groups, num_threads,
+                                   n * num_threads + part, partial, stats, lane_space, wide,
+                                   lane_group)  # fmt: skip
+                atomic_add(progress, slots, 1)
         wait_for(progress, slots, num_threads)
         for i in range(num_threads):
             part = (thread + i) % num_threads
-            if not claim(progress, started, slots + 1 + num_threads + part, part, thread,
-                         num_threads):  # fmt: skip
-                continue
-            for g in range(num_groups):
-                merged_group_coefficients(partial, refs, num_threads, n * num_groups + g,
-                                          num_groups, channels_per_group, weight, bias, eps,
-                                          merge_space, coefficients, g * channels_per_group)  # fmt: skip
-            start, stop = part_bounds(spatial, num_threads, part)
-            apply_positions(x, out, n * sample_length, start, stop, channels, coefficients,
-                            apply_space)  # fmt: skip
+            if claim(progress, started, slots + 1 + num_threads + part, part, thread,
+                     num_threads):  # fmt: skip
+                apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_threads,
+                                n * num_threads + part, weight, bias, eps, coefficients,
+                                merge_space, apply_space)  # fmt: skip
 
 
 def _group_norm_cooperative(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,

@@ -58,13 +58,19 @@ def _row_limits():
     return lambda: limits
 
 
+def _float_input_and_output(x, out):
+    """Whether the Numba types ``x`` and ``out`` are a float32/float64 array and None or an array
+    of the same dtype, as the intrinsics below take them."""
+    if not isinstance(x, types.Array) or x.dtype not in (types.float32, types.float64):
+        return False
+    return isinstance(out, types.NoneType) or (
+        isinstance(out, types.Array) and out.dtype == x.dtype
+    )
+
+
 @intrinsic
 def _apply_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shift):
-    if not isinstance(x, types.Array) or x.dtype not in (types.float32, types.float64):
-        return None
-    if not (
-        isinstance(out, types.NoneType) or (isinstance(out, types.Array) and out.dtype == x.dtype)
-    ):
+    if not _float_input_and_output(x, out):
         return None
     floats = (types.float32, types.float64)
     if any(not isinstance(a, types.Array) or a.dtype not in floats for a in (center, scale, shift)):
@@ -126,11 +132,7 @@ def _apply_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shif
 
 @intrinsic
 def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficients):
-    if not isinstance(x, types.Array) or x.dtype not in (types.float32, types.float64):
-        return None
-    if not (
-        isinstance(out, types.NoneType) or (isinstance(out, types.Array) and out.dtype == x.dtype)
-    ):
+    if not _float_input_and_output(x, out):
         return None
     if not (
         isinstance(coefficients, types.Array)
@@ -263,14 +265,10 @@ def apply_rows(x, out, start, rows, row_vectors, center, scale, shift):
     _apply_rows(x, out, start, rows, row_vectors, center, scale, shift)
 
 
+@numba.njit(inline="always")
 def channel_lanes(x):
     """Values of ``x``'s dtype in one of the host's vectors: ``apply_channels``' shortest run."""
-
-
-@overload(channel_lanes, inline="always")
-def _channel_lanes(x):
-    lanes = _host_row_limits()[0] * 8 // x.dtype.bitwidth
-    return lambda x: lanes
+    return row_limits()[0] // x.itemsize
 
 
 @numba.njit(inline="always")
