@@ -77,8 +77,7 @@ def lane_positions(channels, positions):
 @numba.njit(inline="always")
 def lane_scratch(positions, channels, num_groups, sum_type):
     """Scratch for ``sample_moments`` and ``apply_positions`` on ranges of up to ``positions``:
-    ``(lane_space, wide, lane_group)``, in the type of ``sum_type``, float64 and int64 (see
-    ``sample_moments``).
+    ``(lane_space, wide)``, in the type of ``sum_type`` and float64 (see ``sample_moments``).
 
     Separate arrays, carved into views where they are used: a named tuple of such arrays read freed
     memory under Numba 0.68.
@@ -86,17 +85,7 @@ def lane_scratch(positions, channels, num_groups, sum_type):
     width = lane_positions(channels, positions) * channels
     lane_space = aligned_full(3 * width + num_groups, sum_type)
     wide = np.empty(2 * channels + 4 * num_groups)
-    # Each lane's group: lane j holds channel j % C. Filled here, once per run of samples (or part):
-    # at C = 2048 it cost 0.6 us a sample.
-    lane_group = np.empty(width, np.int64)
-    channels_per_group = channels // num_groups
-    lane = 0
-    for _position in range(width // channels):
-        for g in range(num_groups):
-            for _channel in range(channels_per_group):
-                lane_group[lane] = g
-                lane += 1
-    return lane_space, wide, lane_group
+    return lane_space, wide
 
 
 @numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
@@ -139,6 +128,16 @@ def lane_sums(x, start, width, stream_stride, rows, lanes, clear):
                 s2[j] += d * d
 
 
+@numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
+def float64_sum(values):
+    """The sum of ``values`` in float64, in any order: vectorized, where a sum in order is a chain
+    of dependent additions (at C = 2048, a sample's 64 of them per group and sum took 3 us)."""
+    total = 0.0
+    for i in range(values.size):
+        total += np.float64(values[i])
+    return total
+
+
 @numba.njit(inline="always")
 def group_sums(lanes, width, channel_sums, sums):
     """Add the lane sums (``lanes[1:3, :width]``) up per channel, whole rows of contiguous vector
@@ -153,20 +152,20 @@ def group_sums(lanes, width, channel_sums, sums):
             channel_sums[0, c] += np.float64(lanes[1, row_start + c])
             channel_sums[1, c] += np.float64(lanes[2, row_start + c])
     for g in range(sums.shape[0]):
-        s1 = 0.0
-        s2 = 0.0
-        for c in range(g * channels_per_group, (g + 1) * channels_per_group):
-            s1 += channel_sums[0, c]
-            s2 += channel_sums[1, c]
-        sums[g, 0] = s1
-        sums[g, 1] = s2
+        first = g * channels_per_group
+        sums[g, 0] = float64_sum(channel_sums[0, first : first + channels_per_group])
+        sums[g, 1] = float64_sum(channel_sums[1, first : first + channels_per_group])
 
 
 @numba.njit(inline="always")
-def expand_pivots(group_pivot, lane_group, lanes):
-    """Set every lane's pivot (``lanes[0]``) to its group's."""
-    for j in range(lane_group.size):
-        lanes[0, j] = group_pivot[lane_group[j]]
+def expand_pivots(group_pivot, channels, lanes):
+    """Set every lane's pivot (``lanes[0]``) to its group's: lane ``j`` holds channel ``j % C``,
+    so each row of ``C`` lanes is the groups' pivots, each repeated over its channels."""
+    channels_per_group = channels // group_pivot.size
+    for row_start in range(0, lanes.shape[1], channels):
+        for g in range(group_pivot.size):
+            first = row_start + g * channels_per_group
+            lanes[0, first : first + channels_per_group] = group_pivot[g]
 
 
 @numba.njit(inline="always")
@@ -182,8 +181,8 @@ def repivot(group_pivot, sums, count):
 
 
 @numba.njit(cache=True)
-def block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count,
-                     lane_group, lanes, channel_sums, group_pivot, sums):  # fmt: skip
+def block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count, lanes,
+                     channel_sums, group_pivot, sums):  # fmt: skip
     """Group sums ``sums[:, 0:2]`` of one block (and its ``tail_rows`` positions from
     ``tail_start``) about ``group_pivot`` (expanded in ``lanes[0]``), in the type of ``lanes``;
     summed again, once, about the block's means where a pivot did not stand (the moved pivots stay
@@ -196,7 +195,7 @@ def block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows
         group_sums(lanes, width, channel_sums, sums)
         if attempt == 1 or not repivot(group_pivot, sums, count):
             break
-        expand_pivots(group_pivot, lane_group, lanes)
+        expand_pivots(group_pivot, channels, lanes)
 
 
 @numba.njit(cache=True)
@@ -234,7 +233,7 @@ def float64_block_group_sums(x, start, width, stream_stride, rows, tail_start, t
 
 @numba.njit(cache=True)
 def block_group_moments(x, start, width, stream_stride, rows, tail_start, tail_rows, count, refs,
-                        stats, lane_group, lanes, channel_sums, group_pivot, sums):  # fmt: skip
+                        stats, lanes, channel_sums, group_pivot, sums):  # fmt: skip
     """Merge the moments of one block of rows into ``stats[g]`` for every group ``g``.
 
     ``count`` values of each group lie in the block (its rows, and ``tail_rows`` positions from
@@ -243,8 +242,8 @@ def block_group_moments(x, start, width, stream_stride, rows, tail_start, tail_r
     ``sample_moments``'s scratch.
     """
     num_groups = group_pivot.size
-    block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count, lane_group,
-                     lanes, channel_sums, group_pivot, sums)  # fmt: skip
+    block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count, lanes,
+                     channel_sums, group_pivot, sums)  # fmt: skip
     finite = True
     for g in range(num_groups):
         finite = finite and np.isfinite(sums[g, 1])
@@ -261,19 +260,19 @@ def block_group_moments(x, start, width, stream_stride, rows, tail_start, tail_r
     for g in range(num_groups):
         merge_shifted_sums(stats, g, count, sums[g, 0], sums[g, 1], group_pivot64[g], refs[g])
         group_pivot[g] = cast_like(group_pivot64[g], group_pivot)
-    expand_pivots(group_pivot, lane_group, lanes)
+    expand_pivots(group_pivot, channel_sums.shape[1], lanes)
 
 
 @numba.njit(cache=True)
 def sample_moments(x, sample_start, first_position, stop_position, channels, num_groups, stats,
-                   lane_space, wide, lane_group):  # fmt: skip
+                   lane_space, wide):  # fmt: skip
     """Merge the moments of positions ``[first_position, stop_position)`` of one sample.
 
     ``stats[g]`` receives group ``g``'s ``(count, offset, m2)``, offsets about the sample's first
     value of that group, ``x[sample_start + g * channels_per_group]``. The scratch comes from
     ``lane_scratch``; the moments are summed in the type of ``lane_space``, which holds per lane
     (pivot, s1, s2) and per group the pivot. ``wide`` holds float64 (s1, s2) per channel and per
-    group the reference and (s1, s2, float64 pivot); ``lane_group`` each lane's group.
+    group the reference and (s1, s2, float64 pivot).
 
     With one group the range is one contiguous run of that group's values: the channels-first
     moments (``moments.contiguous_moments``) take it, at their lower cost per value.
@@ -292,7 +291,6 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     per_channel = wide[: 2 * channels].reshape(2, channels)
     refs = wide[2 * channels : 2 * channels + num_groups]
     sums = wide[2 * channels + num_groups : 2 * channels + 4 * num_groups].reshape(num_groups, 3)
-    groups_of_lanes = lane_group[:width]  # filled by lane_scratch
     for g in range(num_groups):
         refs[g] = x[sample_start + g * channels_per_group]
     # First pivots: each group's mean over its channels at the range's first position; they move
@@ -302,11 +300,10 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     rows_start = sample_start + first_position * channels
     for g in range(num_groups):
         first = rows_start + g * channels_per_group
-        total = 0.0  # float64: float32 values near 3e38 would add up to inf, and the group to NaN
-        for c in range(first, first + channels_per_group):
-            total += x[c]
+        # float64: float32 values near 3e38 would add up to inf, and the group to NaN
+        total = float64_sum(x[first : first + channels_per_group])
         group_pivot[g] = cast_like(total / channels_per_group, group_pivot)
-    expand_pivots(group_pivot, groups_of_lanes, lanes)
+    expand_pivots(group_pivot, channels, lanes)
 
     # Blocks of sweeps over the four quarters of the rows, then what the quarters leave, position by
     # position (up to three rows and a partial one): with the last sweep block when there are at
@@ -342,7 +339,7 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
             stream_stride = 0
             count = rows * channels_per_group
         block_group_moments(x, block_start, block_width, stream_stride, rows, extra_start,
-                            extra_rows, count, refs, stats, groups_of_lanes, lanes, per_channel,
+                            extra_rows, count, refs, stats, lanes, per_channel,
                             group_pivot, sums)  # fmt: skip
 
 
@@ -569,14 +566,13 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
     then its normalization while it is still in cache. Arguments as for ``_group_norm_fused``."""
     channels_per_group = channels // num_groups
     sample_length = spatial * channels
-    lane_space, wide, lane_group = lane_scratch(spatial, channels, num_groups, sum_type)
+    lane_space, wide = lane_scratch(spatial, channels, num_groups, sum_type)
     stats = np.empty((num_groups, 3))
     coefficients = np.empty((channels, 3), x.dtype)
     for n in range(first_sample, stop_sample):
         sample_start = n * sample_length
         stats[:] = 0.0
-        sample_moments(x, sample_start, 0, spatial, channels, num_groups, stats, lane_space, wide,
-                       lane_group)  # fmt: skip
+        sample_moments(x, sample_start, 0, spatial, channels, num_groups, stats, lane_space, wide)
         for g in range(num_groups):
             ref = np.float64(x[sample_start + g * channels_per_group])
             mean_hi, mean_lo, _, rstd = finalize_group(
@@ -628,7 +624,7 @@ group_norm_small, group_norm_small_serial = parallel_and_serial(_group_norm_smal
 
 @numba.njit(inline="always")
 def store_part_moments(x, spatial, channels, num_groups, num_parts, item, partial, stats,
-                       lane_space, wide, lane_group):  # fmt: skip
+                       lane_space, wide):  # fmt: skip
     """``part_moments`` with its scratch given: ``stats``, ``(num_groups, 3)``, and
     ``lane_scratch``'s arrays for the part's positions."""
     n = item // num_parts
@@ -636,7 +632,7 @@ def store_part_moments(x, spatial, channels, num_groups, num_parts, item, partia
     start, stop = part_bounds(spatial, num_parts, part)
     stats[:] = 0.0
     sample_moments(x, n * spatial * channels, start, stop, channels, num_groups, stats,
-                   lane_space, wide, lane_group)  # fmt: skip
+                   lane_space, wide)  # fmt: skip
     for g in range(num_groups):
         for k in range(3):
             partial[(n * num_groups + g) * num_parts + part, k] = stats[g, k]
@@ -647,9 +643,9 @@ def part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum
     """Moments of position range ``item % num_parts`` of sample ``item // num_parts``, group by
     group, into rows ``(n * num_groups + g) * num_parts + item % num_parts`` of ``partial``."""
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
-    lane_space, wide, lane_group = lane_scratch(stop - start, channels, num_groups, sum_type)
+    lane_space, wide = lane_scratch(stop - start, channels, num_groups, sum_type)
     store_part_moments(x, spatial, channels, num_groups, num_parts, item, partial,
-                       np.empty((num_groups, 3)), lane_space, wide, lane_group)  # fmt: skip
+                       np.empty((num_groups, 3)), lane_space, wide)  # fmt: skip
 
 
 @numba.njit(cache=True)
@@ -750,7 +746,7 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
     the normalization of its part with the sample's merged moments (``apply_part_with``). The
     scratch of both is allocated once."""
     positions = spatial // num_threads + 16  # part_bounds' parts, rounded down to 16 positions
-    lane_space, wide, lane_group = lane_scratch(positions, channels, num_groups, sum_type)
+    lane_space, wide = lane_scratch(positions, channels, num_groups, sum_type)
     apply_space = aligned_full(3 * lane_positions(channels, positions) * channels,
                                cast_like(0.0, x))  # fmt: skip
     stats = np.empty((num_groups, 3))
@@ -763,8 +759,8 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
             part = (thread + i) % num_threads
             if claim(progress, started, slots + 1 + part, part, thread, num_threads):
                 store_part_moments(x, spatial, channels, num_groups, num_threads,
-                                   n * num_threads + part, partial, stats, lane_space, wide,
-                                   lane_group)  # fmt: skip
+                                   n * num_threads + part, partial, stats, lane_space,
+                                   wide)  # fmt: skip
                 atomic_add(progress, slots, 1)
         wait_for(progress, slots, num_threads)
         for i in range(num_threads):
