@@ -219,16 +219,18 @@ def fold_channel(mean_hi, mean_lo, rstd, weight, bias, like):
 @numba.njit(inline="always")
 def fold_group(coefficients, first_row, first_channel, channels_per_group, mean_hi, mean_lo, rstd,
                weight, bias):  # fmt: skip
-    """Write ``fold_channel`` of a group's channels ``first_channel, ...`` into rows
-    ``first_row, ...`` of ``coefficients`` (``(center, scale, shift)`` per row, its dtype)."""
+    """Write ``fold_channel`` of a group's channels ``first_channel, ...`` into columns
+    ``first_row, ...`` of ``coefficients``, shape ``(3, rows)`` of the input dtype: centers, scales
+    and shifts, each contiguous, so that this loop vectorizes (as ``(rows, 3)`` it took 1.45 us for
+    2048 channels, 0.48 us as three rows)."""
     for k in range(channels_per_group):
         channel = first_channel + k
         center, scale, shift = fold_channel(
             mean_hi, mean_lo, rstd, weight[channel], bias[channel], coefficients
         )
-        coefficients[first_row + k, 0] = center
-        coefficients[first_row + k, 1] = scale
-        coefficients[first_row + k, 2] = shift
+        coefficients[0, first_row + k] = center
+        coefficients[1, first_row + k] = scale
+        coefficients[2, first_row + k] = shift
 
 
 @numba.njit(inline="always")
@@ -326,7 +328,8 @@ def finish_moments(partial, refs, num_parts):
 def merged_group_coefficients(partial, refs, num_parts, row, num_groups, channels_per_group, weight,
                               bias, eps, stats, coefficients, first_row):  # fmt: skip
     """Merge the ``num_parts`` moments of (sample, group) row ``row`` of ``refs`` and write its
-    channels' ``(center, scale, shift)`` into ``coefficients[first_row:]`` (see ``fold_group``).
+    channels' centers, scales and shifts into columns ``first_row, ...`` of ``coefficients`` (see
+    ``fold_group``).
 
     ``partial`` holds ``num_parts`` consecutive rows of moments per row of ``refs``; ``stats`` is
     a ``(1, 3)`` float64 scratch. Every part of a split group computes this for itself: a few

@@ -58,7 +58,7 @@ def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi,
                    weight, bias, coefficients):  # fmt: skip
     """Normalize a group's ``num_channels`` channels of ``spatial`` values (at most
     ``APPLY_CHUNK``) from flat ``start``, the last first; ``first_channel`` indexes ``weight`` and
-    ``bias``, ``coefficients`` is ``(num_channels, 3)`` scratch of x's dtype, the rest is
+    ``bias``, ``coefficients`` is ``(3, num_channels)`` scratch of x's dtype, the rest is
     ``moments.finalize_group``'s.
 
     The coefficients are folded first (``moments.fold_group``), then each channel is a row of a 2-D view:
@@ -70,9 +70,9 @@ def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi,
     fold_group(coefficients, 0, first_channel, num_channels, mean_hi, mean_lo, rstd, weight, bias)
     rows = x[start : start + num_channels * spatial].reshape((num_channels, spatial))
     for k in range(num_channels - 1, -1, -1):
-        center = coefficients[k, 0]
-        scale = coefficients[k, 1]
-        shift = coefficients[k, 2]
+        center = coefficients[0, k]
+        scale = coefficients[1, k]
+        shift = coefficients[2, k]
         source = rows[k]
         row_start = start + k * spatial
         target = destination(source, out, row_start, row_start + spatial)
@@ -209,7 +209,7 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
                               weight, bias, eps)  # fmt: skip
         return
     stats = np.empty((1, 3))
-    coefficients = np.empty((channels_per_group, 3), x.dtype)
+    coefficients = np.empty((3, channels_per_group), x.dtype)
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
         ref = np.float64(x[slab_start])
@@ -374,7 +374,7 @@ def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, 
     slab = item // num_parts
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
-    coefficients = np.empty((channels_per_group, 3), x.dtype)
+    coefficients = np.empty((3, channels_per_group), x.dtype)
     merged_group_coefficients(partial, refs, num_parts, slab, num_groups, channels_per_group,
                               weight, bias, eps, np.empty((1, 3)), coefficients, 0)  # fmt: skip
     slab_start = slab * slab_length
@@ -384,7 +384,7 @@ def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, 
         row = (segment_stop - 1) // spatial
         segment_start = max(start, row * spatial)
         apply_reversed(x, out, slab_start + segment_start, slab_start + segment_stop,
-                       coefficients[row, 0], coefficients[row, 1], coefficients[row, 2])  # fmt: skip
+                       coefficients[0, row], coefficients[1, row], coefficients[2, row])  # fmt: skip
         segment_stop = segment_start
 
 

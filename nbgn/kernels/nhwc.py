@@ -357,7 +357,7 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
                     lane_space):  # fmt: skip
     """Normalize positions ``[first_position, stop_position)`` of one sample, last chunks first.
 
-    ``coefficients`` holds the sample's ``(center, scale, shift)`` per channel, shape ``(C, 3)``;
+    ``coefficients`` holds the sample's centers, scales and shifts per channel, shape ``(3, C)``;
     they are spread over the lanes in ``lane_space`` (from ``lane_scratch``, 64-byte aligned).
     The rows start ``skew`` values in, where ``x`` is 64-byte aligned, and the lanes are rotated
     to match: a 512-bit load that straddles two cache lines costs two.
@@ -384,9 +384,9 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     shift = lane_space[2 * width : 3 * width]
     channel = skew % channels
     for j in range(width):
-        center[j] = coefficients[channel, 0]
-        scale[j] = coefficients[channel, 1]
-        shift[j] = coefficients[channel, 2]
+        center[j] = coefficients[0, channel]
+        scale[j] = coefficients[1, channel]
+        shift[j] = coefficients[2, channel]
         channel = channel + 1 if channel + 1 < channels else 0
     rows_start = range_start + skew
     full_rows = (total - skew) // width
@@ -568,7 +568,7 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
     sample_length = spatial * channels
     lane_space, wide = lane_scratch(spatial, channels, num_groups, sum_type)
     stats = np.empty((num_groups, 3))
-    coefficients = np.empty((channels, 3), x.dtype)
+    coefficients = np.empty((3, channels), x.dtype)
     for n in range(first_sample, stop_sample):
         sample_start = n * sample_length
         stats[:] = 0.0
@@ -684,7 +684,7 @@ partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 @numba.njit(inline="always")
 def apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
                     bias, eps, coefficients, stats, lane_space):  # fmt: skip
-    """``apply_part`` with its scratch given: ``coefficients``, ``(C, 3)`` of x's dtype; ``stats``,
+    """``apply_part`` with its scratch given: ``coefficients``, ``(3, C)`` of x's dtype; ``stats``,
     ``(1, 3)``; ``lane_space`` for the part's positions (see ``apply_positions``)."""
     n = item // num_parts
     channels_per_group = channels // num_groups
@@ -706,7 +706,7 @@ def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, 
     lane_space = aligned_full(3 * lane_positions(channels, stop - start) * channels,
                               cast_like(0.0, x))  # fmt: skip
     apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
-                    bias, eps, np.empty((channels, 3), x.dtype), np.empty((1, 3)),
+                    bias, eps, np.empty((3, channels), x.dtype), np.empty((1, 3)),
                     lane_space)  # fmt: skip
 
 
@@ -751,7 +751,7 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
                                cast_like(0.0, x))  # fmt: skip
     stats = np.empty((num_groups, 3))
     merge_space = np.empty((1, 3))
-    coefficients = np.empty((channels, 3), x.dtype)
+    coefficients = np.empty((3, channels), x.dtype)
     atomic_add(started, thread, 1)
     for n in range(num_samples):
         slots = n * (1 + 2 * num_threads)  # moments done, then a claim per part and phase

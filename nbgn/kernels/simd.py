@@ -25,6 +25,7 @@ import functools
 import numba
 from llvmlite import ir
 from numba import types
+from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 
@@ -184,7 +185,7 @@ def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficient
         channel = builder.sub(remaining, ir.Constant(intp, 1))
         channel_start = builder.add(first, builder.mul(channel, spatial))
         center, scale, shift = (
-            _broadcast(builder, table, channel, column, vector_type, intp) for column in range(3)
+            _broadcast(builder, table, column, channel, vector_type, intp) for column in range(3)
         )
         # The last vector is read before any store: in place, where it overlaps the one before
         # it, it must see the input, not the output.
@@ -227,8 +228,9 @@ def _loop_from_zero(builder, name, stop, exit_block, intp):
 
 
 def _broadcast(builder, table, row, column, vector_type, intp):
-    """``table[row, column]`` (a C-contiguous ``(rows, 3)`` array) in every lane of a vector."""
-    index = builder.add(builder.mul(row, ir.Constant(intp, 3)), ir.Constant(intp, column))
+    """``table[row, column]`` (a C-contiguous 2-D array) in every lane of a vector."""
+    row_length = cgutils.unpack_tuple(builder, table.shape, 2)[1]
+    index = builder.add(builder.mul(ir.Constant(intp, row), row_length), column)
     scalar = builder.load(builder.gep(table.data, [index]))
     int32 = ir.IntType(32)
     single = builder.insert_element(
@@ -274,11 +276,12 @@ def channel_lanes(x):
 @numba.njit(inline="always")
 def apply_channels(x, out, start, num_channels, spatial, coefficients):
     """``out[i] = (x[i] - center) * scale + shift`` for ``num_channels`` runs of ``spatial`` values
-    from flat ``x[start]``, the last run first, with row ``k`` of ``coefficients`` (``(center,
-    scale, shift)``, x's dtype, C-contiguous) for run ``k`` (``out=None``: in place).
+    from flat ``x[start]``, the last run first, with column ``k`` of ``coefficients`` (``(3,
+    rows)``: centers, scales, shifts; x's dtype, C-contiguous) for run ``k`` (``out=None``: in
+    place).
 
     A run is at least ``channel_lanes(x)`` values long.
     """
-    if spatial < channel_lanes(x) or coefficients.shape[0] < num_channels:
+    if spatial < channel_lanes(x) or coefficients.shape[1] < num_channels:
         raise ValueError("apply_channels: runs shorter than a vector, or too few coefficients")
     _apply_channels(x, out, start, num_channels, spatial, coefficients)
