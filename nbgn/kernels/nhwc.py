@@ -62,7 +62,7 @@ SMALL_SAMPLE = 1024
 #: rows cost more per sample (lane bookkeeping) than they save.
 SMALL_ROW = 12
 
-#: Groups of fewer channels add their channel sums in order, inline; more go through
+#: Runs of fewer values are added in order, inline (``group_total``); longer ones go through
 #: ``float64_sum`` (vectorized, a call).
 FEW_CHANNELS = 16
 
@@ -146,6 +146,18 @@ def float64_sum(values):
 
 
 @numba.njit(inline="always")
+def group_total(values):
+    """The float64 sum of a group's values (one per channel): inline and in order for fewer than
+    ``FEW_CHANNELS``, where a call would cost more than the additions, else ``float64_sum``."""
+    if values.size >= FEW_CHANNELS:
+        return float64_sum(values)
+    total = 0.0
+    for i in range(values.size):
+        total += np.float64(values[i])
+    return total
+
+
+@numba.njit(inline="always")
 def group_sums(lanes, width, channel_sums, sums):
     """Add the lane sums (``lanes[1:3, :width]``) up per channel, whole rows of contiguous vector
     adds, then per group (contiguous channels), in float64, into ``sums[:, 0:2]``."""
@@ -160,17 +172,8 @@ def group_sums(lanes, width, channel_sums, sums):
             channel_sums[1, c] += np.float64(lanes[2, row_start + c])
     for g in range(sums.shape[0]):
         first = g * channels_per_group
-        if channels_per_group >= FEW_CHANNELS:
-            sums[g, 0] = float64_sum(channel_sums[0, first : first + channels_per_group])
-            sums[g, 1] = float64_sum(channel_sums[1, first : first + channels_per_group])
-        else:  # a call per group would cost more than these few additions
-            s1 = 0.0
-            s2 = 0.0
-            for c in range(first, first + channels_per_group):
-                s1 += channel_sums[0, c]
-                s2 += channel_sums[1, c]
-            sums[g, 0] = s1
-            sums[g, 1] = s2
+        sums[g, 0] = group_total(channel_sums[0, first : first + channels_per_group])
+        sums[g, 1] = group_total(channel_sums[1, first : first + channels_per_group])
 
 
 @numba.njit(inline="always")
@@ -317,7 +320,7 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     for g in range(num_groups):
         first = rows_start + g * channels_per_group
         # float64: float32 values near 3e38 would add up to inf, and the group to NaN
-        total = float64_sum(x[first : first + channels_per_group])
+        total = group_total(x[first : first + channels_per_group])
         group_pivot[g] = cast_like(total / channels_per_group, group_pivot)
     expand_pivots(group_pivot, channels, lanes)
 
