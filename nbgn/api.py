@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -191,51 +192,68 @@ def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=Fals
     return kernel(flat, n, c, s, g, parts, sum_type)
 
 
-def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
-    """Normalize ``x`` into ``out`` (``None``: in place); both contiguous in the kernels' order.
+class _Kernels(NamedTuple):
+    """A problem's kernels in one memory order, and their shape arguments: ``(N, C, spatial, G)``
+    channels first, ``(N, spatial, C, G)`` channels last."""
+
+    dims: tuple[int, int, int, int]
+    serial: Any
+    fused: Any
+    split: Any
+    cooperative: Any
+
+
+@functools.lru_cache(maxsize=256)
+def _kernels(geometry: Geometry, channels_last: bool, itemsize: int, affine: bool) -> _Kernels:
+    """Which kernels normalize ``geometry`` in this memory order (``channels_last`` with more than
+    one position: see group_moments); cached, since a small call's time is mostly such choices.
 
     ``affine``: the caller gave a weight or a bias (without, NCHW needs no channel patterns).
     """
     n, c, s, g, _ = geometry
+    if channels_last:
+        if s * c <= nhwc.SMALL_SAMPLE:  # never split: a part would be below MIN_PART_ELEMENTS
+            fused, serial = nhwc.group_norm_small, nhwc.group_norm_small_serial
+        else:
+            fused, serial = nhwc.group_norm_fused, nhwc.group_norm_fused_serial
+        return _Kernels((n, s, c, g), serial, fused, nhwc.group_norm_split,
+                        nhwc.group_norm_cooperative)  # fmt: skip
+    if affine and _schedule.channel_patterns(n, c // g, s, itemsize):
+        fused, serial = nchw.group_norm_patterned, nchw.group_norm_patterned_serial
+    else:
+        fused, serial = nchw.group_norm_fused, nchw.group_norm_fused_serial
+    return _Kernels((n, c, s, g), serial, fused, nchw.group_norm_split,
+                    nchw.group_norm_cooperative)  # fmt: skip
+
+
+def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
+    """Normalize ``x`` into ``out`` (``None``: in place); both contiguous in the kernels' order."""
     if channels_last == geometry.channels_last:  # the usual case, without two calls of _flat
         source = x.ravel()
         target = None if out is None else out.ravel()
     else:
         source = _flat(x, geometry, channels_last)
         target = None if out is None else _flat(out, geometry, channels_last)
-    channels_last = channels_last and s > 1  # one value per channel: see group_moments
-    # A small call runs serially whatever the threads (see _schedule.plan), without asking.
-    plan = (
-        _schedule.SERIAL
-        if source.size < _schedule.SERIAL_ELEMENTS
-        else _plan(geometry, channels_last, source.itemsize if out is None else 0)
-    )
+    # One value per channel takes the channels-first kernels: see group_moments.
+    channels_last = channels_last and geometry.spatial > 1
+    kernels = _kernels(geometry, channels_last, source.itemsize, affine)
+    a, b, c, d = kernels.dims
     # Moments summed in the input's precision, unless eps is too small for that (see moments).
     sum_type = _NATIVE_SUM_TYPES[source.dtype] if eps >= moments.NATIVE_MIN_EPS else 0.0
-    if channels_last:
-        dims = (n, s, c, g)
-        if s * c <= nhwc.SMALL_SAMPLE:  # never split: a part would be below MIN_PART_ELEMENTS
-            fused, serial = nhwc.group_norm_small, nhwc.group_norm_small_serial
-        else:
-            fused, serial = nhwc.group_norm_fused, nhwc.group_norm_fused_serial
-        split, cooperative = nhwc.group_norm_split, nhwc.group_norm_cooperative
-    else:
-        dims = (n, c, s, g)
-        if affine and _schedule.channel_patterns(n, c // g, s, source.itemsize):
-            fused, serial = nchw.group_norm_patterned, nchw.group_norm_patterned_serial
-        else:
-            fused, serial = nchw.group_norm_fused, nchw.group_norm_fused_serial
-        split, cooperative = nchw.group_norm_split, nchw.group_norm_cooperative
-    if not plan.parallel:
-        serial(source, target, *dims, weight, bias, eps, sum_type, 1)
+    # A small call runs serially whatever the threads (see _schedule.plan), without asking.
+    small = source.size < _schedule.SERIAL_ELEMENTS
+    plan = None if small else _plan(geometry, channels_last, source.itemsize if out is None else 0)
+    if small or not plan.parallel:
+        kernels.serial(source, target, a, b, c, d, weight, bias, eps, sum_type, 1)
         return x if out is None else out
     # One unit per thread (fused), units split into parts when they are fewer, or large units one
     # after the other by all threads (cooperative); see _schedule.
     with _threading.kernel_guard():
         if plan.cooperative:
-            cooperative(source, target, *dims, weight, bias, eps, sum_type, plan.parts)
+            kernels.cooperative(source, target, a, b, c, d, weight, bias, eps, sum_type,
+                                plan.parts)  # fmt: skip
         elif plan.parts == 1:
-            fused(source, target, *dims, weight, bias, eps, sum_type, plan.chunks)
+            kernels.fused(source, target, a, b, c, d, weight, bias, eps, sum_type, plan.chunks)
         else:
-            split(source, target, *dims, weight, bias, eps, sum_type, plan.parts)
+            kernels.split(source, target, a, b, c, d, weight, bias, eps, sum_type, plan.parts)
     return x if out is None else out
