@@ -2,13 +2,16 @@
 the CPU (64-byte vectors and 512-byte rows with AVX-512, 32 and 128 with AVX2, 16 bytes
 elsewhere). Each configuration is compiled in a child process with a fresh cache and checked
 against the float64 reference, rows in registers and rows too long for them, and NCHW channels
-around a vector's length, in place and not."""
+around a vector's length, in place and not. The L1 size that chooses between the NHWC sweeps and
+one row at a time is read from Linux's description of the caches, or assumed."""
 
 import os
 import subprocess
 import sys
 
 import pytest
+
+from nbgn.kernels import simd
 
 CHECK = """
 import numpy as np
@@ -61,3 +64,33 @@ def test_other_vector_widths_match_reference(tmp_path, limits):
     )
     assert done.returncode == 0, done.stderr
     assert float(done.stdout) <= 1.0
+
+
+def _describe_caches(root, *caches):
+    """Write sysfs-like cache folders ``index0, ...`` of ``(level, type, size)`` under ``root``."""
+    for i, (level, kind, size) in enumerate(caches):
+        index = root / f"index{i}"
+        index.mkdir(parents=True)
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (index / name).write_text(f"{value}\n")
+
+
+@pytest.mark.parametrize(
+    ("caches", "expected"),
+    [
+        (((1, "Instruction", "32K"), (1, "Data", "48K"), (2, "Unified", "1024K")), 48 * 1024),
+        (((2, "Unified", "512K"), (1, "Data", "32K")), 32 * 1024),
+        (((1, "Unified", "64K"),), 64 * 1024),
+        (((1, "Instruction", "64K"), (2, "Unified", "1024K")), 32 * 1024),  # no L1 data: assumed
+        (((1, "Data", "big"),), 32 * 1024),  # unreadable size: assumed
+    ],
+)
+def test_l1_data_bytes_read_from_sysfs(tmp_path, monkeypatch, caches, expected):
+    _describe_caches(tmp_path, *caches)
+    monkeypatch.setattr(simd, "_CACHE_INFO", tmp_path)
+    assert simd._host_l1_data_bytes.__wrapped__() == expected
+
+
+def test_l1_data_bytes_without_sysfs(tmp_path, monkeypatch):
+    monkeypatch.setattr(simd, "_CACHE_INFO", tmp_path / "missing")
+    assert simd._host_l1_data_bytes.__wrapped__() == 32 * 1024
