@@ -207,6 +207,7 @@ class _Kernels(NamedTuple):
 def _kernels(geometry: Geometry, channels_last: bool, itemsize: int, affine: bool) -> _Kernels:
     """Which kernels normalize ``geometry`` in this memory order (``channels_last`` with more than
     one position: see group_moments); cached, since a small call's time is mostly such choices.
+    The cache holds the kernel objects: a test that replaces one calls ``_kernels.cache_clear()``.
 
     ``affine``: the caller gave a weight or a bias (without, NCHW needs no channel patterns).
     """
@@ -237,23 +238,25 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     # One value per channel takes the channels-first kernels: see group_moments.
     channels_last = channels_last and geometry.spatial > 1
     kernels = _kernels(geometry, channels_last, source.itemsize, affine)
-    a, b, c, d = kernels.dims
+    # A sample's axes in memory order: (C, spatial) channels first, (spatial, C) channels last.
+    num_samples, outer, inner, num_groups = kernels.dims
     # Moments summed in the input's precision, unless eps is too small for that (see moments).
     sum_type = _NATIVE_SUM_TYPES[source.dtype] if eps >= moments.NATIVE_MIN_EPS else 0.0
     # A small call runs serially whatever the threads (see _schedule.plan), without asking.
     small = source.size < _schedule.SERIAL_ELEMENTS
     plan = None if small else _plan(geometry, channels_last, source.itemsize if out is None else 0)
     if small or not plan.parallel:
-        kernels.serial(source, target, a, b, c, d, weight, bias, eps, sum_type, 1)
+        kernels.serial(source, target, num_samples, outer, inner, num_groups, weight, bias, eps,
+                       sum_type, 1)  # fmt: skip
         return x if out is None else out
     # One unit per thread (fused), units split into parts when they are fewer, or large units one
     # after the other by all threads (cooperative); see _schedule.
+    arguments = (source, target, *kernels.dims, weight, bias, eps, sum_type)
     with _threading.kernel_guard():
         if plan.cooperative:
-            kernels.cooperative(source, target, a, b, c, d, weight, bias, eps, sum_type,
-                                plan.parts)  # fmt: skip
+            kernels.cooperative(*arguments, plan.parts)
         elif plan.parts == 1:
-            kernels.fused(source, target, a, b, c, d, weight, bias, eps, sum_type, plan.chunks)
+            kernels.fused(*arguments, plan.chunks)
         else:
-            kernels.split(source, target, a, b, c, d, weight, bias, eps, sum_type, plan.parts)
+            kernels.split(*arguments, plan.parts)
     return x if out is None else out

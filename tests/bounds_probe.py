@@ -20,13 +20,18 @@ import numpy as np
 import nbgn
 from nbgn import _schedule, api
 from nbgn._checks import check_geometry
+from nbgn.kernels import simd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import from_channels_first, reference_group_norm, tolerance
 
+# The L1 that sends NHWC rows of 8 KiB one at a time out of place (read when a kernel compiles).
+simd._host_l1_data_bytes = lambda: 48 * 1024
+
 #: (N, C, *spatial) shapes and groups that reach each kernel: NCHW weight patterns, short slabs,
 #: one value per channel, channels of one vector to 256 values, longer channels; NHWC small
-#: samples, rows of whole vectors (in registers), rows too long for them (sweeps), one group.
+#: samples, rows of whole vectors (in registers), rows too long for them (sweeps; out of place,
+#: 8 KiB rows one at a time, given the 48 KiB L1 assumed above), one group.
 CASES = [
     ((3, 16, 7, 7), 2),
     ((2, 8, 4, 4), 4),
@@ -39,6 +44,7 @@ CASES = [
     ((2, 100, 6, 6), 4),
     ((1, 48, 30, 30), 6),
     ((1, 3, 40, 40), 1),
+    ((1, 2048, 2, 2), 32),
 ]
 
 #: Thresholds low enough that these sizes run in parallel: fused (several units), split (one
@@ -57,7 +63,9 @@ def check(rng, shape, groups, layout, dtype, in_place) -> str:
         result = nbgn.group_norm(x, groups, weight, bias, layout=layout, out=x)
     else:
         result = nbgn.group_norm(x, groups, weight, bias, layout=layout)
-    error = float(np.max(np.abs(result - expected)))
+    # In units of the output where it exceeds 1: the far-out value's own output is ~60, whose last
+    # float32 digits (a few units of 8e-6) can add up to the tolerance.
+    error = float(np.max(np.abs(result - expected) / np.maximum(1.0, np.abs(expected))))
     if not error <= tolerance(dtype):
         raise AssertionError(f"{shape}/{groups} {layout} {dtype} in_place={in_place}: {error}")
     if x.size < _schedule.SERIAL_ELEMENTS:

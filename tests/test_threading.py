@@ -241,8 +241,10 @@ def test_a_child_forked_while_another_thread_holds_the_launch_lock_can_launch():
 @pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 or more Numba threads")
 def test_thread_count_decides_the_kernel(monkeypatch):
     """One thread runs the serial kernel; more split the slabs into one run per thread."""
+    from nbgn import api
     from nbgn.kernels import nchw
 
+    api._kernels.cache_clear()  # it holds the kernels chosen for earlier calls, unwrapped
     calls = []
     for name in ("group_norm_fused", "group_norm_fused_serial"):
         kernel = getattr(nchw, name)
@@ -263,4 +265,5 @@ def test_thread_count_decides_the_kernel(monkeypatch):
         np.testing.assert_allclose(nbgn.group_norm(x, 2), expected, atol=2e-5)
     finally:
         numba.set_num_threads(before)
+        api._kernels.cache_clear()  # the wrapped kernels must not outlive the test
     assert calls == [("group_norm_fused_serial", 1), ("group_norm_fused", 2)]

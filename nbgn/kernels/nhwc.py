@@ -386,7 +386,8 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     through ``simd.apply_rows``, which keeps a row's coefficients in registers. Longer rows go in
     sweeps: one row from each quarter of the range, sharing the loads of the lane coefficients, in
     four long streams the hardware prefetchers can follow; or, out of place, one at a time where
-    only a single row fits the L1 with its coefficients (``simd.l1_data_bytes``).
+    a sweep overflows the L1 and one row of x and of out fits it with the coefficients
+    (``simd.l1_data_bytes``).
     """
     lane_width = lane_positions(channels, stop_position - first_position) * channels
     total = (stop_position - first_position) * channels
@@ -426,9 +427,9 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     else:
         # Out of place, a sweep touches the lane coefficients and four rows each of x and out.
         # Where that overflows the L1 but one row of each and the coefficients fit, the rows go
-        # one at a time and the coefficients stay in L1 (C = 2048 float32, 8 KiB rows: 7.3 -> 6.0
-        # us a sample in L2); where even that overflows (16 KiB rows), the sweeps' shared loads
-        # win, and so they do in place at 8 KiB rows (3.8 against 4.9 us).
+        # one at a time and the coefficients stay in L1 (48 KiB L1, C = 2048 float32, 8 KiB rows:
+        # 7.3 -> 6.0 us a sample in L2); where even that overflows (16 KiB rows), the sweeps'
+        # shared loads win, and so they do in place at 8 KiB rows (3.8 against 4.9 us).
         coefficient_bytes = 3 * width * lane_space.itemsize
         row_bytes = width * x.itemsize
         one_at_a_time = (

@@ -66,8 +66,12 @@ _CACHE_INFO = Path("/sys/devices/system/cpu/cpu0/cache")
 
 @functools.cache
 def _host_l1_data_bytes() -> int:
-    """A core's L1 data cache in bytes, as Linux reports it; 32 KiB (the smallest in current x86
-    and Arm server cores) where it does not."""
+    """A core's L1 data cache in bytes, as Linux reports it for CPU 0; 32 KiB (the smallest in
+    current x86 and Arm server cores) where it does not, or where Numba compiles for a named CPU
+    rather than this host (a cache built for other machines). On a hybrid CPU, CPU 0 is usually a
+    performance core, whose L1 may be larger than the others'."""
+    if numba.config.CPU_FEATURES is not None or numba.config.CPU_NAME not in (None, "host"):
+        return 32 * 1024
     try:
         for index in _CACHE_INFO.glob("index*"):
             if (index / "level").read_text().strip() == "1" and (
