@@ -30,17 +30,23 @@ from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
 
+def _compiles_for_host() -> bool:
+    """Whether Numba compiles for this machine, not for a CPU named or described in its config
+    (``NUMBA_CPU_NAME``, ``NUMBA_CPU_FEATURES``: a cache built for other machines)."""
+    return numba.config.CPU_FEATURES is None and numba.config.CPU_NAME in (None, "host")
+
+
 @functools.cache
 def _host_row_limits() -> tuple[int, int]:
     """``(vector_bytes, max_row_bytes)`` for this machine; see the module notes."""
     from llvmlite import binding
 
-    if numba.config.CPU_FEATURES is not None:  # what Numba compiles for, if not this host
-        features = {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f}
-    elif numba.config.CPU_NAME not in (None, "host"):
-        features = {}  # a named CPU whose features we do not know: no wide vectors assumed
-    else:
+    if _compiles_for_host():
         features = binding.get_host_cpu_features()
+    elif numba.config.CPU_FEATURES is not None:  # what Numba compiles for
+        features = {f[1:]: f[0] == "+" for f in numba.config.CPU_FEATURES.split(",") if f}
+    else:
+        features = {}  # a named CPU whose features we do not know: no wide vectors assumed
     if features.get("avx512f", False):
         return 64, 512
     if features.get("avx2", False):
@@ -70,7 +76,7 @@ def _host_l1_data_bytes() -> int:
     current x86 and Arm server cores) where it does not, or where Numba compiles for a named CPU
     rather than this host (a cache built for other machines). On a hybrid CPU, CPU 0 is usually a
     performance core, whose L1 may be larger than the others'."""
-    if numba.config.CPU_FEATURES is not None or numba.config.CPU_NAME not in (None, "host"):
+    if not _compiles_for_host():
         return 32 * 1024
     try:
         for index in _CACHE_INFO.glob("index*"):
