@@ -4,7 +4,9 @@ Every contender of a case runs round-robin within each repeat (so drift and nois
 alike) and the table reports medians. Compilation and allocation of inputs happen before timing.
 Effective GB/s counts the minimum traffic of a group norm, one read and one write of the array
 (``2 * x.nbytes``); the roofline fraction is the time of the cheapest in-place pass over the same
-array (Numba's parallel ``x *= a``) divided by the contender's time.
+array (Numba's parallel ``x *= a``) divided by the contender's time. The two-pass floor (a sum of
+each unit, then ``x *= a`` over it: see ``kernels.roofline``) is the least an exact group norm can
+take where a unit outgrows the caches; its roofline fraction is the most any group norm can reach.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import nbgn
 
 from ._info import cpu_model, info
-from .kernels.roofline import scale_inplace
+from .kernels.roofline import scale_inplace, two_pass_floor
 
 #: (name, (N, C, *spatial), num_groups): the shapes the README's table and the asv suite use.
 DEFAULT_CASES = [
@@ -50,7 +52,7 @@ def _torch():
 
 def contenders(x: np.ndarray, groups: int, layout: str) -> dict[str, Callable[[], object]]:
     """Callables to time on ``x``: nbgn in place and allocating, the baseline, PyTorch if
-    installed, and the roofline pass, all with per-channel weight and bias."""
+    installed, the roofline pass and the two-pass floor, all with per-channel weight and bias."""
     channels = x.shape[1] if layout == "NCHW" else x.shape[-1]
     weight = np.linspace(0.5, 1.5, channels).astype(x.dtype)
     bias = np.linspace(-1.0, 1.0, channels).astype(x.dtype)
@@ -74,6 +76,10 @@ def contenders(x: np.ndarray, groups: int, layout: str) -> dict[str, Callable[[]
     # Over the same array as nbgn in place (``work``), as the roofline's definition says; a factor
     # of 1 leaves it as it is.
     contenders["roofline x *= a"] = lambda: scale_inplace(work, 1.0)
+    # The units whose every value must be read before any is written: an NCHW group of a sample,
+    # an NHWC sample (its groups interleave along the channels).
+    units = x.shape[0] * groups if layout == "NCHW" else x.shape[0]
+    contenders["two-pass floor"] = lambda: two_pass_floor(work, units, 1.0)
     return contenders
 
 
@@ -212,7 +218,7 @@ def format_table(report: dict[str, Any]) -> str:
         f"Medians of {report['repeat']} interleaved repeats, "
         + ("caches flushed before every call" if report.get("cold") else "each in steady state")
         + "; ratio = time / nbgn in place; GB/s = 2 * nbytes / time; "
-        "roofline = time of x *= a / time",
+        "roofline = time of x *= a / time; two-pass floor = each unit summed, then x *= a",
         "",
         f"{'case':<28} {'layout':<5} {'dtype':<8} {'contender':<16} {'median':>10} "
         f"{'ratio':>7} {'GB/s':>7} {'roofline':>8}",

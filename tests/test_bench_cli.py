@@ -16,7 +16,8 @@ def test_json_report(capsys):
     assert machine["versions"]["numba"]
     rows = report["results"]
     contenders = {row["contender"] for row in rows}
-    assert {"nbgn in place", "nbgn allocating", "numpy baseline", "roofline x *= a"} <= contenders
+    assert {"nbgn in place", "nbgn allocating", "numpy baseline", "roofline x *= a",
+            "two-pass floor"} <= contenders  # fmt: skip
     assert {(row["layout"], row["dtype"]) for row in rows} == {
         (layout, dtype) for layout in ("NCHW", "NHWC") for dtype in ("float32", "float64")
     }

@@ -1,4 +1,5 @@
-"""Figures to track over commits: speedup over the baseline and fraction of the memory roofline."""
+"""Figures to track over commits: speedup over the baseline, fraction of the memory roofline, and of
+the two-pass floor (the least an exact group norm can take: see ``nbgn.kernels.roofline``)."""
 
 # The module, not its functions: asv would take an imported ``time_side_by_side`` for a benchmark.
 from nbgn import _bench
@@ -26,3 +27,8 @@ class GroupNormFigures:
         return self.medians["roofline x *= a"] / self.medians["nbgn in place"]
 
     track_roofline_fraction.unit = "fraction (x *= a time / nbgn in-place time)"
+
+    def track_two_pass_floor_fraction(self, case, layout, dtype):
+        return self.medians["two-pass floor"] / self.medians["nbgn in place"]
+
+    track_two_pass_floor_fraction.unit = "fraction (two-pass floor time / nbgn in-place time)"
