@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from . import _schedule, _threading
+from . import _output_pool, _schedule, _threading
 from ._checks import Geometry, check_affine, check_eps, check_geometry, check_input, check_out
 from .kernels import moments, nchw, nhwc
 
@@ -49,7 +49,9 @@ def group_norm(
     Returns
     -------
     ndarray
-        ``out`` if given, else a new array with the shape, dtype and memory order of ``x``.
+        ``out`` if given, else a new array with the shape, dtype and memory order of ``x``; of
+        32 MiB or more, its memory comes from a small pool of freed results (see ``_output_pool``)
+        and it does not own it.
 
     Raises
     ------
@@ -88,7 +90,7 @@ def group_norm(
         return _run(out, None, geometry, channels_last, weight, bias, eps, affine)
     if out is None:
         if channels_last == geometry.channels_last:  # x is C-contiguous: so is the result
-            result = np.empty(x.shape, x.dtype)
+            result = _output_pool.empty(x.shape, x.dtype)
         else:
             result = _empty_in_order(x, geometry, channels_last)
         return _run(x, result, geometry, channels_last, weight, bias, eps, affine)
@@ -169,9 +171,9 @@ def _flat(array: np.ndarray, geometry: Geometry, channels_last: bool) -> np.ndar
 def _empty_in_order(x: np.ndarray, geometry: Geometry, channels_last: bool) -> np.ndarray:
     """A new array shaped like ``x`` whose memory is contiguous in the kernels' order."""
     if channels_last == geometry.channels_last:
-        return np.empty(x.shape, x.dtype)
+        return _output_pool.empty(x.shape, x.dtype)
     axes = (1, -1) if channels_last else (-1, 1)
-    return np.moveaxis(np.empty(np.moveaxis(x, *axes).shape, x.dtype), *axes[::-1])
+    return np.moveaxis(_output_pool.empty(np.moveaxis(x, *axes).shape, x.dtype), *axes[::-1])
 
 
 def _plan(geometry: Geometry, channels_last: bool, in_place_itemsize: int = 0) -> _schedule.Plan:
