@@ -5,8 +5,9 @@ alike) and the table reports medians. Compilation and allocation of inputs happe
 Effective GB/s counts the minimum traffic of a group norm, one read and one write of the array
 (``2 * x.nbytes``); the roofline fraction is the time of the cheapest in-place pass over the same
 array (Numba's parallel ``x *= a``) divided by the contender's time. The two-pass floor (a sum of
-each unit, then ``x *= a`` over it: see ``kernels.roofline``) is the least an exact group norm can
-take where a unit outgrows the caches; its roofline fraction is the most any group norm can reach.
+each unit, then ``x *= a`` over it, scheduled as nbgn in place: see ``kernels.roofline``) is nbgn's
+memory traffic without its arithmetic: where a unit outgrows the caches, its roofline fraction is
+what a group norm that must read each unit before writing it can reach.
 """
 
 from __future__ import annotations

@@ -49,8 +49,8 @@ class _Mapping:
         self._memory = mmap.mmap(-1, nbytes, flags=_MAP_FLAGS[0] | _MAP_FLAGS[1])
         if hasattr(self._memory, "madvise") and hasattr(mmap, "MADV_HUGEPAGE"):
             self._memory.madvise(mmap.MADV_HUGEPAGE)  # as NumPy advises for its large arrays
-        # An export of the mapping, held until close(): it gives the address, and an unmap while
-        # it is held raises instead of pulling memory from under an array.
+        # An export of the mapping gives its address; it is dropped before the unmap. Arrays hold
+        # no export: what keeps the mapping theirs is their lease (see the module notes).
         self._export = np.frombuffer(self._memory, np.uint8)
         self.address = self._export.__array_interface__["data"][0]
         self.nbytes = nbytes
@@ -65,11 +65,18 @@ class _Lease:
 
     __slots__ = ("__array_interface__", "__weakref__")
 
+    def __reduce__(self):
+        # A copy would point at the mapping without holding it; a pickle would carry a raw address.
+        raise TypeError(
+            "a pooled array's lease cannot be copied or pickled; copy the array instead"
+        )
+
 
 _free: list[_Mapping] = []  # oldest first; changed only under _lock
 # Freed mappings on their way to _free. A lease can be collected anywhere, a garbage collection
 # inside this module's own locked code included, so its finalizer only appends here and settles
-# the queue if the lock is free; whoever holds the lock settles it before letting go.
+# the queue if the lock is free; whoever holds the lock settles it again after letting go
+# (_unlock), so that nothing waits there for the next call.
 _returned: collections.deque[_Mapping] = collections.deque()
 _lock = threading.Lock()
 
@@ -95,33 +102,49 @@ def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 def free_bytes() -> int:
     """Bytes of freed outputs the pool holds."""
-    with _lock:
+    _lock.acquire()
+    try:
         _settle()
         return sum(mapping.nbytes for mapping in _free)
+    finally:
+        _unlock()
 
 
 def clear() -> None:
     """Unmap every freed output the pool holds."""
-    with _lock:
+    _lock.acquire()
+    try:
         _settle()
         mappings = _free[:]
         _free.clear()
+    finally:
+        _unlock()
     for mapping in mappings:
         mapping.close()
 
 
 def _take(nbytes: int) -> _Mapping:
-    with _lock:
+    _lock.acquire()
+    try:
         _settle()
         sizes = [mapping.nbytes for mapping in _free]
         if nbytes in sizes:  # the most recently freed of that size: the warmest
             return _free.pop(len(sizes) - 1 - sizes[::-1].index(nbytes))
+    finally:
+        _unlock()
     return _Mapping(nbytes)
 
 
 def _give_back(mapping: _Mapping) -> None:
     _returned.append(mapping)
     if _lock.acquire(blocking=False):
+        _unlock()
+
+
+def _unlock() -> None:
+    """Release the lock, then settle what finalizers queued while it was held."""
+    _lock.release()
+    while _returned and _lock.acquire(blocking=False):
         try:
             _settle()
         finally:

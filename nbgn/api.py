@@ -50,8 +50,8 @@ def group_norm(
     -------
     ndarray
         ``out`` if given, else a new array with the shape, dtype and memory order of ``x``; of
-        32 MiB or more, its memory comes from a small pool of freed results (see ``_output_pool``)
-        and it does not own it.
+        32 MiB or more (and ``x`` contiguous in either order), its memory comes from a small pool
+        of freed results (see ``_output_pool``) and it does not own it.
 
     Raises
     ------
@@ -89,8 +89,8 @@ def group_norm(
     if in_place:
         return _run(out, None, geometry, channels_last, weight, bias, eps, affine)
     if out is None:
-        if channels_last == geometry.channels_last:  # x is C-contiguous: so is the result
-            result = _output_pool.empty(x.shape, x.dtype)
+        if channels_last == geometry.channels_last and x.nbytes < _output_pool.MIN_BYTES:
+            result = np.empty(x.shape, x.dtype)  # the usual case, inline: a tiny call's overhead
         else:
             result = _empty_in_order(x, geometry, channels_last)
         return _run(x, result, geometry, channels_last, weight, bias, eps, affine)

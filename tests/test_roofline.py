@@ -4,7 +4,6 @@ import numba
 import numpy as np
 import pytest
 
-from nbgn import _schedule
 from nbgn.kernels import roofline
 
 
@@ -36,22 +35,33 @@ def test_two_pass_floor_scales_every_value_and_sums_them(shape, units, threads, 
     assert total == pytest.approx(exact, abs=1e-3 * np.sqrt(x.size))
 
 
-def test_two_pass_floor_splits_units_only_when_they_do_not_share_out():
-    threads = numba.get_num_threads()
-    if threads < 2:
-        pytest.skip("one thread: every unit runs whole")
-    # Documented rule, checked through the kernels it calls.
+@pytest.mark.parametrize(
+    ("units", "unit_length", "kernel"),
+    [
+        (4, 1024, "floor_whole_serial"),  # below SERIAL_ELEMENTS
+        (8, 1 << 16, "floor_whole_parallel"),  # a run of whole units per thread
+        (3, 1 << 18, "floor_split"),  # three 1 MiB units on two threads: each in two parts
+        (1, 1 << 19, "floor_together"),  # a unit over COOPERATIVE_BYTES: both threads on it
+    ],
+)
+def test_two_pass_floor_is_scheduled_as_nbgn_in_place(units, unit_length, kernel, monkeypatch):
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("one thread: everything runs serially")
+    names = ("floor_whole_serial", "floor_whole_parallel", "floor_split", "floor_together")
     calls = []
-    originals = roofline.unit_parts_sum, roofline.units_each_whole_parallel
+    for name in names:
+        original = getattr(roofline, name)
+        monkeypatch.setattr(roofline, name, lambda *a, n=name, f=original: (calls.append(n), f(*a)))
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
     try:
-        roofline.unit_parts_sum = lambda *a: (calls.append("split"), originals[0](*a))
-        roofline.units_each_whole_parallel = lambda *a: (calls.append("whole"), originals[1](*a))
-        x = np.ones(2 * threads * _schedule.MIN_PART_ELEMENTS)  # parallel, as for x *= a
-        roofline.two_pass_floor(x, threads)
-        roofline.two_pass_floor(x, 1)
+        x = np.arange(units * unit_length, dtype=np.float32) % 7
+        total = roofline.two_pass_floor(x, units, 2.0)
     finally:
-        roofline.unit_parts_sum, roofline.units_each_whole_parallel = originals
-    assert calls == ["whole", "split"]
+        numba.set_num_threads(before)
+    assert calls == [kernel]
+    np.testing.assert_array_equal(x, (np.arange(x.size) % 7).astype(np.float32) * 2)
+    assert total == float(np.sum(np.arange(x.size) % 7))  # small integers: exact in float32
 
 
 def test_two_pass_floor_refuses_units_that_do_not_divide_and_strided_arrays():
