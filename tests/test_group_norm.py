@@ -367,15 +367,24 @@ def test_many_small_channels_last_samples(rng, dtype):
     np.testing.assert_allclose(x, expected, atol=tolerance(dtype))
 
 
-@pytest.mark.parametrize(("shape", "groups"), [((4, 16, 6, 6), 2), ((16, 256, 7, 7), 32)])
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [
+        ((4, 16, 6, 6), 2),
+        ((16, 256, 7, 7), 32),
+        ((5, 64, 7, 7), 8),  # five samples a group: two pairs, then one alone
+        ((12, 72, 7, 7), 9),  # on two threads, a run of items ends inside a group
+    ],
+)
 def test_channel_patterns_path(rng, shape, groups):
     """float32 NCHW with many short channels and per-channel weights: the patterned kernel
-    (serial, then parallel on 2+ threads), far from zero, with a constant group (exactly bias,
-    eps=0) and a NaN group (all NaN) among normal ones."""
+    (serial, then parallel on 2+ threads; samples of a group in pairs and alone), far from zero,
+    with a constant group (exactly bias, eps=0) and a NaN group (all NaN) among normal ones."""
     n, c = shape[:2]
     plan = _schedule.plan(n * groups, c // groups * shape[2] * shape[3])
     assert _schedule.channel_patterns(n, c // groups, shape[2] * shape[3], 4)
-    assert plan.parallel == (shape[0] == 16 and numba.get_num_threads() > 1)
+    large = np.prod(shape) >= _schedule.SERIAL_ELEMENTS
+    assert plan.parallel == (large and numba.get_num_threads() > 1)
     x = make_input(shape, "NCHW", np.float32, rng, offset=3e3)
     per_group = c // groups
     x[1, :per_group] = 7.25  # sample 1, group 0: constant

@@ -25,6 +25,7 @@ FLOORS = {
     "nchw.normalize_slabs": 90,
     "nchw.normalize_short_slabs": 45,
     "nchw.normalize_slabs_patterned": 35,
+    "nchw.normalize_pair_against": 6,
     "nchw.normalize_rows": 8,
     "moments.shifted_sums": 10,
     "nhwc.lane_sums": 8,

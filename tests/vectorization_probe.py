@@ -49,6 +49,9 @@ def main():
             counts[f"nchw.normalize_slabs_patterned [{name}, {variant}]"] = packed_count(
                 nchw.normalize_slabs_patterned
             )
+            counts[f"nchw.normalize_pair_against [{name}, {variant}]"] = packed_count(
+                nchw.normalize_pair_against
+            )
         nchw.normalize_rows(x.copy(), None, 0, 64, 0, 8, 0.5, 0.0, 2.0, weight, bias,
                             np.empty((8, 3), dtype))  # fmt: skip
         counts[f"nchw.normalize_rows [{name}, in place]"] = packed_count(nchw.normalize_rows)
