@@ -17,6 +17,7 @@ its memory (``flags.owndata`` is False; ``resize`` refuses it).
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import mmap
 import os
@@ -102,48 +103,51 @@ def empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
 
 def free_bytes() -> int:
     """Bytes of freed outputs the pool holds."""
-    _lock.acquire()
-    try:
-        _settle()
+    with _settled():
         return sum(mapping.nbytes for mapping in _free)
-    finally:
-        _unlock()
 
 
 def clear() -> None:
     """Unmap every freed output the pool holds."""
-    _lock.acquire()
-    try:
-        _settle()
+    with _settled():
         mappings = _free[:]
         _free.clear()
-    finally:
-        _unlock()
     for mapping in mappings:
         mapping.close()
 
 
 def _take(nbytes: int) -> _Mapping:
-    _lock.acquire()
-    try:
-        _settle()
+    with _settled():
         sizes = [mapping.nbytes for mapping in _free]
         if nbytes in sizes:  # the most recently freed of that size: the warmest
             return _free.pop(len(sizes) - 1 - sizes[::-1].index(nbytes))
-    finally:
-        _unlock()
     return _Mapping(nbytes)
 
 
 def _give_back(mapping: _Mapping) -> None:
     _returned.append(mapping)
-    if _lock.acquire(blocking=False):
+    _settle_if_unlocked()
+
+
+@contextlib.contextmanager
+def _settled():
+    """The lock held, with the returned mappings already in ``_free``."""
+    _lock.acquire()
+    try:
+        _settle()
+        yield
+    finally:
         _unlock()
 
 
 def _unlock() -> None:
     """Release the lock, then settle what finalizers queued while it was held."""
     _lock.release()
+    _settle_if_unlocked()
+
+
+def _settle_if_unlocked() -> None:
+    """Settle the returned mappings, unless someone holds the lock (they will as they let go)."""
     while _returned and _lock.acquire(blocking=False):
         try:
             _settle()

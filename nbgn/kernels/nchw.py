@@ -45,6 +45,17 @@ from .simd import apply_channels, channel_lanes
 
 
 @numba.njit(inline="always")
+def slab_moments(x, start, length, stats, sum_type, eps):
+    """``(mean_hi, mean_lo, rstd)`` of the contiguous slab ``x[start : start + length]``, its
+    moments summed in the type of ``sum_type`` about its first value; ``stats`` is (1, 3) scratch."""
+    ref = np.float64(x[start])
+    stats[0] = 0.0
+    contiguous_moments(x, start, start + length, ref, stats, 0, sum_type)
+    mean_hi, mean_lo, _, rstd = finalize_group(ref, stats[0, 0], stats[0, 1], stats[0, 2], eps)
+    return mean_hi, mean_lo, rstd
+
+
+@numba.njit(inline="always")
 def uniform_affine(weight, bias, first_channel, num_channels):
     """Whether channels ``first_channel, ...`` share one weight and one bias."""
     for channel in range(first_channel + 1, first_channel + num_channels):
@@ -81,15 +92,21 @@ def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi,
 
 
 @numba.njit(inline="always")
+def against_coefficients(mean_hi, mean_lo, rstd, x):
+    """``(center, rstd, offset)`` in x's dtype for ``((x - center) * rstd - offset)``: ``center``
+    is the mean rounded to x's dtype, ``offset`` the rounding residual times ``rstd``."""
+    center = cast_like(mean_hi, x)
+    residual = (mean_hi - np.float64(center)) + mean_lo
+    return center, cast_like(rstd, x), cast_like(residual * rstd, x)
+
+
+@numba.njit(inline="always")
 def normalize_against(x, out, start, length, mean_hi, mean_lo, rstd, scales, shifts):
     """Normalize ``length`` values from ``x[start]`` with per-value ``scales`` and ``shifts`` (a
     group's weights and biases, one per value): one flat loop, ``((x - center) * rstd - offset) *
     scale + shift``, where ``offset`` is the mean's rounding residual times ``rstd`` (the fold of
     ``fold_channel``, written out per value)."""
-    center = cast_like(mean_hi, x)
-    residual = (mean_hi - np.float64(center)) + mean_lo
-    typed_rstd = cast_like(rstd, x)
-    offset = cast_like(residual * rstd, x)
+    center, typed_rstd, offset = against_coefficients(mean_hi, mean_lo, rstd, x)
     source = x[start : start + length]
     target = destination(source, out, start, start + length)
     for i in range(length):
@@ -107,12 +124,9 @@ def normalize_pair_against(x, out, start, other_start, length, mean_hi, mean_lo,
     semantics. A call per pair of slabs costs nothing next to its thousands of values (a call per
     short slab did: ``normalize_against`` stays inline).
     """
-    center = cast_like(mean_hi, x)
-    typed_rstd = cast_like(rstd, x)
-    offset = cast_like(((mean_hi - np.float64(center)) + mean_lo) * rstd, x)
-    other_center = cast_like(other_hi, x)
-    other_typed_rstd = cast_like(other_rstd, x)
-    other_offset = cast_like(((other_hi - np.float64(other_center)) + other_lo) * other_rstd, x)
+    center, typed_rstd, offset = against_coefficients(mean_hi, mean_lo, rstd, x)
+    other_center, other_typed_rstd, other_offset = against_coefficients(other_hi, other_lo,
+                                                                        other_rstd, x)  # fmt: skip
     source = x[start : start + length]
     other_source = x[other_start : other_start + length]
     target = destination(source, out, start, start + length)
@@ -242,10 +256,7 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
     coefficients = np.empty((3, channels_per_group), x.dtype)
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
-        ref = np.float64(x[slab_start])
-        stats[0] = 0.0
-        contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, 0, sum_type)
-        mean_hi, mean_lo, _, rstd = finalize_group(ref, stats[0, 0], stats[0, 1], stats[0, 2], eps)
+        mean_hi, mean_lo, rstd = slab_moments(x, slab_start, slab_length, stats, sum_type, eps)
         first_channel = (slab % num_groups) * channels_per_group
         if uniform_affine(weight, bias, first_channel, channels_per_group):
             normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
@@ -297,11 +308,7 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
         paired = item + 1 < stop_item and (item + 1) // num_samples == group
         slab = (item - group * num_samples) * num_groups + group
         slab_start = slab * slab_length
-        other_start = slab_start + num_groups * slab_length  # the next sample's slab
-        ref = np.float64(x[slab_start])
-        stats[0] = 0.0
-        contiguous_moments(x, slab_start, slab_start + slab_length, ref, stats, 0, sum_type)
-        mean_hi, mean_lo, _, rstd = finalize_group(ref, stats[0, 0], stats[0, 1], stats[0, 2], eps)
+        mean_hi, mean_lo, rstd = slab_moments(x, slab_start, slab_length, stats, sum_type, eps)
         first_channel = group * channels_per_group
         if uniform_affine(weight, bias, first_channel, channels_per_group):
             normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
@@ -318,12 +325,9 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
                               shifts)  # fmt: skip
             item += 1
             continue
-        other_ref = np.float64(x[other_start])
-        stats[0] = 0.0
-        contiguous_moments(x, other_start, other_start + slab_length, other_ref, stats, 0,
-                           sum_type)  # fmt: skip
-        other_hi, other_lo, _, other_rstd = finalize_group(other_ref, stats[0, 0], stats[0, 1],
-                                                           stats[0, 2], eps)  # fmt: skip
+        other_start = slab_start + num_groups * slab_length  # the next sample's slab
+        other_hi, other_lo, other_rstd = slab_moments(x, other_start, slab_length, stats,
+                                                      sum_type, eps)  # fmt: skip
         normalize_pair_against(x, out, slab_start, other_start, slab_length, mean_hi, mean_lo,
                                rstd, other_hi, other_lo, other_rstd, scales, shifts)  # fmt: skip
         item += 2
