@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -61,6 +62,10 @@ def group_norm(
         Bad ``num_groups``, ``layout``, ``eps``, shapes, a read-only ``out``, or an ``out`` that
         overlaps ``x`` without being ``x``. Raised before anything is written.
     """
+    if type(x) is np.ndarray and type(num_groups) is int and type(eps) is float:
+        result = _small_call(x, num_groups, weight, bias, eps, layout, out)
+        if result is not None:
+            return result
     x = check_input(x)
     geometry = check_geometry(x.shape, num_groups, layout)
     affine = weight is not None or bias is not None
@@ -99,6 +104,86 @@ def group_norm(
     out[...] = _run(x, _empty_in_order(x, geometry, channels_last), geometry, channels_last,
                     weight, bias, eps, affine)  # fmt: skip
     return out
+
+
+class _SmallCall(NamedTuple):
+    """A small call's serial kernel and the arguments that follow from its key (see
+    ``_small_call``); ``weight`` and ``bias`` are the defaults, for keys of calls without them."""
+
+    kernel: Any
+    dims: tuple[int, int, int, int]
+    channels: tuple[int]
+    weight: np.ndarray
+    bias: np.ndarray
+    sum_type: Any
+
+
+_NATIVE_EPS_MIN = moments.NATIVE_MIN_EPS
+_INF = math.inf
+
+#: Small calls seen, by (shape, dtype, num_groups, layout, weight is None).
+_SMALL_CALLS: dict[tuple[Any, ...], _SmallCall] = {}
+
+
+def _small_call(x, num_groups, weight, bias, eps, layout, out):
+    """A small call in the usual form, straight to its serial kernel; None if it is not one.
+
+    A call of a few thousand values costs about as much in this module as in its kernel, so the
+    usual form skips the general path: a (shape, dtype, num_groups, layout) a valid small call had
+    before (``_remember_small_call``), ``x`` C-contiguous, ``weight`` and ``bias`` both None or
+    both C-contiguous arrays of x's dtype and shape (C,), ``eps`` a float in the range summed in
+    x's precision, and ``out`` None or ``x``. Anything else, errors included, takes the general
+    path. Measured on (2, 8, 4, 4)/4 allocating, with weight and bias: 2.26 -> 1.77 us a call.
+    """
+    call = _SMALL_CALLS.get((x.shape, x.dtype, num_groups, layout, weight is None))
+    if (
+        call is None
+        or not _NATIVE_EPS_MIN <= eps < _INF
+        or not x.flags.c_contiguous
+        or x.size >= _schedule.SERIAL_ELEMENTS  # a test may lower it to force the parallel paths
+    ):
+        return None
+    kernel, dims, channels, default_weight, default_bias, sum_type = call
+    if weight is None:
+        if bias is not None:
+            return None
+        weight, bias = default_weight, default_bias
+    elif not (
+        type(weight) is np.ndarray
+        and type(bias) is np.ndarray
+        and weight.dtype is x.dtype
+        and bias.dtype is x.dtype
+        and weight.shape == channels
+        and bias.shape == channels
+        and weight.flags.c_contiguous
+        and bias.flags.c_contiguous
+    ):
+        return None
+    if out is None:
+        out = np.empty(x.shape, x.dtype)
+        kernel(x.ravel(), out.ravel(), *dims, weight, bias, eps, sum_type, 1)
+    elif out is x and x.flags.writeable:
+        kernel(x.ravel(), None, *dims, weight, bias, eps, sum_type, 1)
+    else:
+        return None
+    return out
+
+
+def _remember_small_call(x, geometry, kernels, affine):
+    """Remember the serial kernel that just normalized ``x`` (valid, C-contiguous in its layout,
+    below ``_schedule.SERIAL_ELEMENTS``), for ``_small_call``."""
+    layout = "NHWC" if geometry.channels_last else "NCHW"
+    key = (x.shape, x.dtype, geometry.num_groups, layout, not affine)
+    if key not in _SMALL_CALLS:
+        if len(_SMALL_CALLS) >= 1024:
+            _SMALL_CALLS.clear()
+        channels = geometry.channels
+        _SMALL_CALLS[key] = _SmallCall(
+            kernels.serial, kernels.dims, (channels,),
+            check_affine(None, "weight", channels, 1.0, x.dtype),
+            check_affine(None, "bias", channels, 0.0, x.dtype),
+            _NATIVE_SUM_TYPES[x.dtype],
+        )  # fmt: skip
 
 
 def group_moments(
@@ -231,7 +316,8 @@ def _kernels(geometry: Geometry, channels_last: bool, itemsize: int, affine: boo
 
 def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     """Normalize ``x`` into ``out`` (``None``: in place); both contiguous in the kernels' order."""
-    if channels_last == geometry.channels_last:  # the usual case, without two calls of _flat
+    layout_order = channels_last == geometry.channels_last
+    if layout_order:  # the usual case, without two calls of _flat
         source = x.ravel()
         target = None if out is None else out.ravel()
     else:
@@ -250,6 +336,8 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     if small or not plan.parallel:
         kernels.serial(source, target, num_samples, outer, inner, num_groups, weight, bias, eps,
                        sum_type, 1)  # fmt: skip
+        if small and x.flags.c_contiguous and layout_order:
+            _remember_small_call(x, geometry, kernels, affine)
         return x if out is None else out
     # One unit per thread (fused), units split into parts when they are fewer, or large units one
     # after the other by all threads (cooperative); see _schedule.

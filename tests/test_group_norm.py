@@ -102,6 +102,7 @@ def test_two_thread_plans(units, unit_elements, expected, itemsize):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
     """Force the split path (moments per part, merged with Chan's formula) whatever the core count."""
+    monkeypatch.setattr(_schedule, "SERIAL_ELEMENTS", 0)  # else this small input runs serially
     monkeypatch.setattr(
         _schedule,
         "plan",

@@ -1,0 +1,185 @@
+"""The small-call fast path (``api._small_call``): the same results as the general path, and
+every call it is not sure of left to the general path, with its errors and conversions."""
+
+import numpy as np
+import pytest
+from reference import make_input, reference_group_norm, tolerance
+
+import nbgn
+from nbgn import _schedule, api
+
+SHAPE = (2, 8, 4, 5)  # (N, C, *spatial) channels first
+GROUPS = 4
+
+
+@pytest.fixture
+def general_path_calls(monkeypatch):
+    """A list that grows by one for every call that took the general path."""
+    calls = []
+    check_input = api.check_input
+    monkeypatch.setattr(api, "check_input", lambda x: calls.append(1) or check_input(x))
+    return calls
+
+
+def _inputs(rng, layout, dtype, affine):
+    x = make_input(SHAPE, layout, dtype, rng, offset=50.0)
+    if not affine:
+        return x, None, None
+    weight = rng.standard_normal(SHAPE[1]).astype(dtype)
+    bias = rng.standard_normal(SHAPE[1]).astype(dtype)
+    return x, weight, bias
+
+
+@pytest.mark.parametrize("in_place", [False, True], ids=["allocate", "in_place"])
+@pytest.mark.parametrize("affine", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_second_call_takes_the_fast_path_with_identical_results(
+    rng, general_path_calls, layout, dtype, affine, in_place
+):
+    x, weight, bias = _inputs(rng, layout, dtype, affine)
+    api._SMALL_CALLS.clear()
+    results = []
+    for _ in range(2):
+        source = x.copy()
+        result = nbgn.group_norm(source, GROUPS, weight, bias, layout=layout,
+                                 out=source if in_place else None)  # fmt: skip
+        assert (result is source) == in_place
+        results.append(result)
+    assert len(general_path_calls) == 1  # the first call only
+    np.testing.assert_array_equal(results[1], results[0])
+    expected = reference_group_norm(x, GROUPS, weight, bias, 1e-5, layout)
+    np.testing.assert_allclose(results[1], expected, atol=tolerance(dtype))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "weight float64",
+        "weight strided",
+        "weight only",
+        "bias only",
+        "weight list",
+        "eps numpy float",
+        "eps zero",
+        "num_groups numpy int",
+        "out separate",
+        "x strided",
+        "x channels last memory",
+    ],
+)
+def test_calls_it_is_not_sure_of_take_the_general_path(rng, general_path_calls, case):
+    """After a registered call, each variant is normalized as the general path would (converted
+    weights, float64 sums for eps=0, ...), not by the remembered kernel with its arguments."""
+    x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
+    api._SMALL_CALLS.clear()
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    nbgn.group_norm(x, GROUPS)
+    kwargs = {}
+    groups = GROUPS
+    if case == "weight float64":
+        weight = weight.astype(np.float64)
+    elif case == "weight strided":
+        weight = np.repeat(weight, 2)[::2]
+    elif case == "weight only":
+        bias = None
+    elif case == "bias only":
+        weight = None
+    elif case == "weight list":
+        weight = weight.tolist()
+    elif case == "eps numpy float":
+        kwargs["eps"] = np.float64(1e-3)
+    elif case == "eps zero":
+        kwargs["eps"] = 0.0
+    elif case == "num_groups numpy int":
+        groups = np.int64(GROUPS)
+    elif case == "out separate":
+        kwargs["out"] = np.empty_like(x)
+    elif case == "x strided":
+        x = np.repeat(x, 2, axis=-1)[..., ::2]
+    elif case == "x channels last memory":
+        x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    before = len(general_path_calls)
+    result = nbgn.group_norm(x, groups, weight, bias, **kwargs)
+    assert len(general_path_calls) == before + 1
+    if "out" in kwargs:
+        assert result is kwargs["out"]
+    if case == "x channels last memory":
+        assert result.transpose(0, 2, 3, 1).flags.c_contiguous  # the memory order of x
+    expected = reference_group_norm(x, GROUPS, weight, bias, kwargs.get("eps", 1e-5), "NCHW")
+    np.testing.assert_allclose(result, expected, atol=tolerance(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("change", "error", "match"),
+    [
+        ({"weight": np.ones(7, np.float32)}, ValueError, "weight must have shape"),
+        ({"bias": np.ones((8, 1), np.float32)}, ValueError, "bias must have shape"),
+        ({"weight": np.ones(8, np.int32)}, TypeError, "weight has dtype int32"),
+        ({"eps": float("nan")}, ValueError, "eps must be finite"),
+        ({"eps": -1.0}, ValueError, "eps must be finite"),
+        ({"eps": float("inf")}, ValueError, "eps must be finite"),
+        ({"num_groups": 4.0}, TypeError, "num_groups must be a positive integer"),
+        ({"num_groups": True}, TypeError, "num_groups must be a positive integer"),
+        ({"num_groups": 3}, ValueError, "does not divide"),
+        ({"layout": "nchw"}, ValueError, "layout must be"),
+    ],
+)
+def test_errors_after_a_registered_call(rng, change, error, match):
+    x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
+    api._SMALL_CALLS.clear()
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    arguments = {"num_groups": GROUPS, "weight": weight, "bias": bias, "eps": 1e-5, **change}
+    before = x.copy()
+    with pytest.raises(error, match=match):
+        nbgn.group_norm(x, arguments.pop("num_groups"), out=x, **arguments)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_read_only_in_place_is_refused_after_a_registered_call(rng):
+    x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
+    api._SMALL_CALLS.clear()
+    nbgn.group_norm(x, GROUPS, weight, bias, out=x.copy())
+    x.flags.writeable = False
+    with pytest.raises(ValueError, match="out is read-only"):
+        nbgn.group_norm(x, GROUPS, weight, bias, out=x)
+    np.testing.assert_allclose(nbgn.group_norm(x, GROUPS, weight, bias),  # out of place is fine
+                               reference_group_norm(x, GROUPS, weight, bias), atol=1e-5)  # fmt: skip
+
+
+def test_mutated_arrays_are_checked_again(rng):
+    """The memo is of shapes and dtypes, not of arrays: an array reshaped or retyped in place
+    after a fast call is checked again."""
+    x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
+    api._SMALL_CALLS.clear()
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    weight.shape = (2, 4)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        nbgn.group_norm(x, GROUPS, weight, bias)
+    weight.shape = (8,)
+    bias.dtype = np.int32
+    with pytest.raises(TypeError, match="bias has dtype int32"):
+        nbgn.group_norm(x, GROUPS, weight, bias)
+
+
+def test_a_lowered_serial_threshold_reaches_the_parallel_kernels(rng, monkeypatch):
+    """Tests force the parallel paths on small inputs by lowering SERIAL_ELEMENTS: a remembered
+    small call must not keep them on the serial kernel."""
+    x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
+    api._SMALL_CALLS.clear()
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    plans = []
+    plan = _schedule.plan
+    monkeypatch.setattr(_schedule, "SERIAL_ELEMENTS", 0)
+    monkeypatch.setattr(_schedule, "plan", lambda *args: plans.append(args) or plan(*args))
+    result = nbgn.group_norm(x, GROUPS, weight, bias)
+    assert plans  # the general path asked for a plan
+    np.testing.assert_allclose(result, reference_group_norm(x, GROUPS, weight, bias), atol=1e-5)
+
+
+def test_the_memo_is_bounded(rng):
+    api._SMALL_CALLS.clear()
+    for spatial in range(1, 1100):
+        nbgn.group_norm(np.ones((1, 4, spatial), np.float32), 2)
+    assert 0 < len(api._SMALL_CALLS) <= 1024
