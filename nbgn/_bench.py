@@ -84,6 +84,21 @@ def contenders(x: np.ndarray, groups: int, layout: str) -> dict[str, Callable[[]
     return contenders
 
 
+#: Untimed calls of a contender before each of its timed measurements last this long at least.
+#: One call is not enough on a 2-core VM: after 20 PyTorch calls, nbgn's next eight (16, 2048, 7,
+#: 7)/32 allocating calls took 245, 191, 147, 129, 122, 122, 119 and 118 us (medians of 15), against
+#: 113-116 us after its own; PyTorch's after nbgn's 233, 203, 193, 187 against 179 us.
+WARM_UP_SECONDS = 1e-3
+
+
+def _warm_up(run: Callable[[], object], seconds: float) -> None:
+    """Call ``run`` for at least ``seconds`` (once at least), untimed."""
+    start = time.perf_counter()
+    run()
+    while time.perf_counter() - start < seconds:
+        run()
+
+
 #: Bytes read to evict the caches before a cold measurement: twice the largest last-level cache
 #: we expect (the one here is 32 MiB).
 FLUSH_BYTES = 256 * 2**20
@@ -94,9 +109,10 @@ def time_side_by_side(
 ) -> dict[str, float]:
     """Median seconds per call of each contender, timed round-robin ``repeat`` times.
 
-    By default each timed sample follows one untimed call of the same contender, so every
-    contender is measured in its own steady state (its data as warm as its previous call left
-    it), not in the state the contender before it left the caches in. With ``cold``, the caches
+    By default each timed sample follows untimed calls of the same contender for
+    ``WARM_UP_SECONDS``, so every contender is measured in its own steady state (its data as warm
+    as its previous call left it, its threads awake), not in the state the contender before it
+    left the machine in. With ``cold``, the caches
     are flushed before every single timed call instead: every contender starts from memory.
     """
     for run in contenders.values():
@@ -110,7 +126,7 @@ def time_side_by_side(
     for _ in range(repeat):
         for name, run in contenders.items():
             if flush is None:
-                run()
+                _warm_up(run, WARM_UP_SECONDS)
             else:
                 # A parallel pass, so that the threads are awake, not waiting to be woken.
                 scale_inplace(flush, 1.0)

@@ -64,3 +64,33 @@ def test_cold_mode_flushes_and_says_so(capsys, monkeypatch):
     assert all(row["seconds"] > 0 for row in report["results"])
     assert _bench.main(["--shape", "2", "8", "6", "6", "--groups", "4", "--repeat", "2"]) == 0
     assert "each in steady state" in capsys.readouterr().out
+
+
+def test_every_timed_sample_follows_a_warm_up_of_its_own_contender(monkeypatch):
+    """Untimed calls of a contender for WARM_UP_SECONDS, then its timed calls: no timed sample
+    starts in the state another contender left."""
+    import time
+
+    monkeypatch.setattr(_bench, "MIN_MEASUREMENT_SECONDS", 0.0)  # one timed call a sample
+    calls = []
+
+    def contender(name):
+        return lambda: calls.append((name, time.perf_counter()))
+
+    medians = _bench.time_side_by_side(
+        {"nbgn in place": contender("a"), "b": contender("b")}, repeat=3
+    )
+    assert set(medians) == {"nbgn in place", "b"}
+    names = [name for name, _ in calls]
+    runs = []  # (name, first call time, last call time) of each run of one contender's calls
+    for index, (name, moment) in enumerate(calls):
+        if index == 0 or names[index - 1] != name:
+            runs.append([name, moment, moment])
+        runs[-1][2] = moment
+    # The compile-and-warm calls (a, b), then per repeat a run of each contender: warm-up calls
+    # spanning WARM_UP_SECONDS, then the timed one (the first run of a also holds the call that
+    # sized the measurements).
+    timed_runs = runs[2:]
+    assert [run[0] for run in timed_runs] == ["a", "b"] * 3
+    for name, first, last in timed_runs:
+        assert last - first >= _bench.WARM_UP_SECONDS, name
