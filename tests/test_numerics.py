@@ -192,3 +192,19 @@ def test_error_is_at_the_output_rounding_level(dtype, layout):
     ulp = np.finfo(dtype).eps * np.abs(expected).max()
     error = np.abs(nbgn.group_norm(_in_layout(x, layout), 2, layout=layout) - expected).max()
     assert error <= 8 * ulp
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nhwc_rows_summed_in_registers_on_hostile_data(dtype):
+    """NHWC rows whose lane sums stay in registers (8 channels: rows of whole vectors), over two
+    blocks of ``nhwc.REGISTER_BLOCK_ROWS`` rows and a position that fills no row, on data far from
+    zero that jumps by 1e6 standard deviations halfway: the second block must move its pivot."""
+    from nbgn.kernels import nhwc
+
+    mean, std, tolerance = (3e4, 1e-2, 2e-5) if dtype == np.float32 else (1e8, 1.0, 1e-7)
+    shape = (2, 8, 65, 63)  # 4095 positions: rows of 2 (float32) or 1 (float64) positions
+    assert nhwc.REGISTER_BLOCK_ROWS * 2 < 4095
+    x = _far_from_zero(dtype, mean, std, shape, seed=9)
+    x[:, :, 33:] += dtype(1e6 * std)
+    _assert_close_to_reference(_in_layout(x, "NHWC"), 2, "NHWC", tolerance)
+    _assert_close_to_reference(_in_layout(x, "NHWC"), 4, "NHWC", tolerance)

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import numba
+import numpy as np
 import pytest
 
 from nbgn.kernels import simd
@@ -94,3 +96,60 @@ def test_l1_data_bytes_read_from_sysfs(tmp_path, monkeypatch, caches, expected):
 def test_l1_data_bytes_without_sysfs(tmp_path, monkeypatch):
     monkeypatch.setattr(simd, "_CACHE_INFO", tmp_path / "missing")
     assert simd._host_l1_data_bytes.__wrapped__() == 32 * 1024
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lane_sums_in_registers_match_float64_sums(dtype):
+    """Every row length (in vectors) the switch has, row counts around the sets and the spills,
+    any start: the sums of ``x - pivot`` and its square added to the lanes, nothing else written."""
+    lanes_per_vector = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(1)
+    run = numba.njit(lambda x, start, rows, count, lanes: simd.lane_sums_in_registers(
+        x, start, rows, count, lanes))  # fmt: skip
+    for count in range(1, simd._sum_row_vectors() + 1):
+        sets = simd._sum_row_vectors() // count
+        spill = simd.SPILL_ROWS
+        for rows in sorted({0, 1, sets - 1, sets + 1, spill - 1, spill, spill + 1, 3 * spill + 5}):
+            width = count * lanes_per_vector
+            start = 3
+            x = (rng.standard_normal(start + rows * width + 5) * 2 + 7).astype(dtype)
+            lanes = np.zeros((3, width + 4), dtype)
+            lanes[0, :width] = 7 + rng.standard_normal(width)
+            lanes[1:, :width] = [[1.0], [2.0]]
+            before = lanes.copy()
+            run(x, start, rows, count, lanes)
+            d = x[start : start + rows * width].reshape(rows, width).astype(np.float64)
+            d -= before[0, :width].astype(np.float64)
+            tolerance = 1e-4 if dtype == np.float32 else 1e-12
+            np.testing.assert_allclose(lanes[1, :width], 1.0 + d.sum(0), rtol=tolerance,
+                                       atol=tolerance * (1 + rows))  # fmt: skip
+            np.testing.assert_allclose(lanes[2, :width], 2.0 + (d * d).sum(0), rtol=tolerance)
+            np.testing.assert_array_equal(lanes[0], before[0])
+            np.testing.assert_array_equal(lanes[:, width:], before[:, width:])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nhwc_lane_sums_take_the_registers_for_short_consecutive_rows(dtype):
+    """``nhwc.lane_sums`` without streams, on rows of whole vectors short enough: the very sums of
+    ``nhwc.register_lane_sums`` (the registers, compiled without fastmath), within rounding of the
+    float64 sums; on float64 lanes of float32 values (float64 sums), its own loop."""
+    from nbgn.kernels import nhwc
+
+    lanes_per_vector = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
+    width = 2 * lanes_per_vector
+    rng = np.random.default_rng(2)
+    x = (rng.standard_normal(100 * width) + 3e4).astype(dtype)
+    lanes = np.zeros((3, width), dtype)
+    lanes[0] = x[:width]
+    registers = lanes.copy()
+    nhwc.lane_sums(x, 0, width, 0, 100, lanes, True)
+    nhwc.register_lane_sums(x, 0, 100, 2, registers)
+    np.testing.assert_array_equal(lanes, registers)
+    d = x.reshape(100, width).astype(np.float64) - lanes[0]
+    tolerance = 1e-5 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(lanes[1], d.sum(0), rtol=tolerance, atol=tolerance * 100)
+    np.testing.assert_allclose(lanes[2], (d * d).sum(0), rtol=tolerance)
+    wide = np.zeros((3, width))
+    wide[0] = lanes[0]
+    nhwc.lane_sums(x, 0, width, 0, 100, wide, True)
+    np.testing.assert_allclose(wide[1], d.sum(0), rtol=1e-12, atol=1e-9)

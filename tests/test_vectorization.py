@@ -29,6 +29,7 @@ FLOORS = {
     "nchw.normalize_rows": 8,
     "moments.shifted_sums": 10,
     "nhwc.lane_sums": 8,
+    "nhwc.register_lane_sums": 40,
     "nhwc.apply_positions": 10,
     "nhwc.normalize_small_samples": 25,
 }

@@ -66,6 +66,8 @@ def main():
         lanes = np.zeros((3, 256), dtype)
         nhwc.lane_sums(x, 0, 256, 512, 2, lanes, True)
         counts[f"nhwc.lane_sums [{name}, four streams]"] = packed_count(nhwc.lane_sums)
+        nhwc.register_lane_sums(x, 0, 4, 2, lanes)
+        counts[f"nhwc.register_lane_sums [{name}]"] = packed_count(nhwc.register_lane_sums)
         coefficients = np.ones((3, 16), dtype)
         lane_space = moments.aligned_full(3 * 256, zero)
         small = rng.standard_normal(4 * 16 * 8).astype(dtype)

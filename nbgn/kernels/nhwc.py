@@ -6,7 +6,9 @@ one accumulator per *lane* (a column of rows): the inner loop runs along contigu
 vectorizes even for three channels. Every lane of a group shares the group's pivot, so lanes add up
 into group sums without a merge. A *block* of rows is summed in the input's precision, then its lane
 sums are added up per channel and per group in float64 and merged with Chan's formula, with the
-same checks as ``moments.contiguous_moments``.
+same checks as ``moments.contiguous_moments``. Where the shortest row of whole vectors is short
+enough (C dividing 128 in float32 with AVX-512), the rows go one after the other and their
+lane sums stay in registers (``simd.lane_sums_in_registers``); otherwise in sweeps of four rows.
 
 Bytes moved per element: the moments pass reads a sample once and the normalization reads it again in
 reverse (from L2/L3 when a sample fits there) and writes it: ``2b`` to ``3b`` per element. The
@@ -45,7 +47,15 @@ from .moments import (
     part_bounds,
     pivot_stands,
 )
-from .simd import apply_rows, l1_data_bytes, row_limits
+from .simd import (
+    SPILL_ROWS,
+    apply_rows,
+    channel_lanes,
+    l1_data_bytes,
+    lane_sums_in_registers,
+    registers_hold_rows,
+    row_limits,
+)
 
 #: Lanes per row to aim for: enough for several 512-bit vectors when there are few channels, and
 #: long rows, so that a block (``SWEEPS_PER_BLOCK`` sweeps of four rows) holds many values for its
@@ -69,6 +79,10 @@ FEW_CHANNELS = 16
 #: Sweeps (of four rows) per block: each lane adds 32 sums of four values before the flush to
 #: float64, about as precise as ``moments.BLOCK``; the flush (~4 operations a lane) costs ~3%.
 SWEEPS_PER_BLOCK = 32
+
+#: Rows per block where the lane sums stay in registers: each lane adds 32 sums of at most
+#: ``simd.SPILL_ROWS`` (32) values before the flush, 64 additions as in ``SWEEPS_PER_BLOCK``'s.
+REGISTER_BLOCK_ROWS = 32 * SPILL_ROWS
 
 
 @numba.njit(inline="always")
@@ -95,6 +109,15 @@ def lane_scratch(positions, channels, num_groups, sum_type):
     return lane_space, wide
 
 
+@numba.njit(cache=True)
+def register_lane_sums(x, start, rows, row_vectors, lanes):
+    """``simd.lane_sums_in_registers``, compiled on its own, without ``lane_sums``' fastmath (which
+    Numba applies to every instruction of a function): reassociation would allow the sums of
+    ``x - pivot`` to become a sum of ``x`` minus a multiple of the pivot, the very cancellation the
+    pivot is there to prevent (LLVM was not seen to do it; nothing would stop it)."""
+    lane_sums_in_registers(x, start, rows, row_vectors, lanes)
+
+
 @numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
 def lane_sums(x, start, width, stream_stride, rows, lanes, clear):
     """Sum ``x - pivot`` and its square per lane into ``lanes[1]`` and ``lanes[2]``, in their type,
@@ -104,14 +127,17 @@ def lane_sums(x, start, width, stream_stride, rows, lanes, clear):
 
     Four rows from four distant places are four long sequential streams that the hardware
     prefetchers follow (four adjacent rows would be four streams of a few lines each, which they do
-    not), and they share each load and store of the lane sums. ``clear`` False adds to the lane
-    sums instead of starting them from zero.
+    not), and they share each load and store of the lane sums. Consecutive rows (no
+    ``stream_stride``) of whole vectors short enough go through ``simd.lane_sums_in_registers``.
+    ``clear`` False adds to the lane sums instead of starting them from zero.
     """
     pivot, s1, s2 = lanes[0, :width], lanes[1, :width], lanes[2, :width]
     if clear:
         s1[:] = 0.0
         s2[:] = 0.0
-    if stream_stride > 0:
+    if stream_stride == 0 and registers_hold_rows(x, lanes, width):
+        register_lane_sums(x, start, rows, width // channel_lanes(x), lanes)
+    elif stream_stride > 0:
         for r in range(rows):
             base = start + r * width
             row0 = x[base : base + width]
@@ -303,7 +329,15 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
         return
     channels_per_group = channels // num_groups
     positions = stop_position - first_position
-    positions_per_row = lane_positions(channels, positions)
+    # Rows of whole vectors short enough for their lane sums to stay in registers (see
+    # simd.lane_sums_in_registers) go one after the other; longer ones in sweeps.
+    vector = channel_lanes(x)
+    vector_row = channels * (vector // np.gcd(channels, vector))
+    in_registers = vector_row <= positions * channels and registers_hold_rows(
+        x, lane_space, vector_row
+    )
+    positions_per_row = vector_row // channels if in_registers else lane_positions(channels,
+                                                                                   positions)  # fmt: skip
     width = positions_per_row * channels
     lanes = lane_space[: 3 * width].reshape(3, width)
     group_pivot = lane_space[3 * width : 3 * width + num_groups]
@@ -323,6 +357,22 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
         total = group_total(x[first : first + channels_per_group])
         group_pivot[g] = cast_like(total / channels_per_group, group_pivot)
     expand_pivots(group_pivot, channels, lanes)
+
+    if in_registers:
+        # One sequential stream, blocks of REGISTER_BLOCK_ROWS rows; the positions that do not
+        # fill a row go with the last block.
+        full_rows = positions // positions_per_row
+        leftover = positions - full_rows * positions_per_row
+        num_blocks = -(-full_rows // REGISTER_BLOCK_ROWS)
+        for block in range(num_blocks):
+            first_row = block * REGISTER_BLOCK_ROWS
+            rows = min(REGISTER_BLOCK_ROWS, full_rows - first_row)
+            extra_rows = leftover if block == num_blocks - 1 else 0
+            count = (rows * positions_per_row + extra_rows) * channels_per_group
+            block_group_moments(x, rows_start + first_row * width, width, 0, rows,
+                                rows_start + full_rows * width, extra_rows, count, refs, stats,
+                                lanes, per_channel, group_pivot, sums)  # fmt: skip
+        return
 
     # Blocks of sweeps over the four quarters of the rows, then what the quarters leave, position by
     # position (up to three rows and a partial one): with the last sweep block when there are at
