@@ -84,17 +84,19 @@ def contenders(x: np.ndarray, groups: int, layout: str) -> dict[str, Callable[[]
     return contenders
 
 
-#: Untimed calls of a contender before each of its timed measurements last this long at least.
-#: One call is not enough on a 2-core VM: after 20 PyTorch calls, nbgn's next eight (16, 2048, 7,
+#: Untimed calls of a contender before each of its timed measurements last this long, and are
+#: this many, at least. One call is not enough on a 2-core VM: after 20 PyTorch calls, nbgn's next eight (16, 2048, 7,
 #: 7)/32 allocating calls took 245, 191, 147, 129, 122, 122, 119 and 118 us (medians of 15), against
 #: 113-116 us after its own; PyTorch's after nbgn's 233, 203, 193, 187 against 179 us.
 WARM_UP_SECONDS = 1e-3
+WARM_UP_CALLS = 5
 
 
-def _warm_up(run: Callable[[], object], seconds: float) -> None:
-    """Call ``run`` for at least ``seconds`` (once at least), untimed."""
+def _warm_up(run: Callable[[], object], seconds: float, calls: int = WARM_UP_CALLS) -> None:
+    """Call ``run`` for at least ``seconds`` and at least ``calls`` times, untimed."""
     start = time.perf_counter()
-    run()
+    for _ in range(calls):
+        run()
     while time.perf_counter() - start < seconds:
         run()
 
@@ -109,22 +111,28 @@ def time_side_by_side(
 ) -> dict[str, float]:
     """Median seconds per call of each contender, timed round-robin ``repeat`` times.
 
-    By default each timed sample follows untimed calls of the same contender for
-    ``WARM_UP_SECONDS``, so every contender is measured in its own steady state (its data as warm
-    as its previous call left it, its threads awake), not in the state the contender before it
-    left the machine in. With ``cold``, the caches
-    are flushed before every single timed call instead: every contender starts from memory.
+    By default each timed sample follows untimed calls of the same contender (``_warm_up``), so
+    every contender is measured in its own steady state (its data as warm as its previous call left
+    it, its threads awake), not in the state the contender before it left the machine in; and each
+    repeat starts one contender further on, so that none always follows the same one. With
+    ``cold``, the caches are flushed before every single timed call instead: every contender
+    starts from memory.
     """
     for run in contenders.values():
         run()  # compile and warm up
     flush = np.ones(FLUSH_BYTES // 8) if cold else None
+    sizing = contenders["nbgn in place"]
+    _warm_up(sizing, WARM_UP_SECONDS)
     start = time.perf_counter()
-    contenders["nbgn in place"]()
+    sizing()
     single = max(time.perf_counter() - start, 1e-7)
     number = 1 if cold else max(1, math.ceil(MIN_MEASUREMENT_SECONDS / single))
     samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(repeat):
-        for name, run in contenders.items():
+    names = list(contenders)
+    for repeat_index in range(repeat):
+        shift = repeat_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            run = contenders[name]
             if flush is None:
                 _warm_up(run, WARM_UP_SECONDS)
             else:

@@ -62,7 +62,12 @@ def group_norm(
         Bad ``num_groups``, ``layout``, ``eps``, shapes, a read-only ``out``, or an ``out`` that
         overlaps ``x`` without being ``x``. Raised before anything is written.
     """
-    if type(x) is np.ndarray and type(num_groups) is int and type(eps) is float:
+    if (
+        type(x) is np.ndarray
+        and type(num_groups) is int
+        and type(eps) is float
+        and type(layout) is str
+    ):
         result = _small_call(x, num_groups, weight, bias, eps, layout, out)
         if result is not None:
             return result
@@ -118,9 +123,6 @@ class _SmallCall(NamedTuple):
     sum_type: Any
 
 
-_NATIVE_EPS_MIN = moments.NATIVE_MIN_EPS
-_INF = math.inf
-
 #: Small calls seen, by (shape, dtype, num_groups, layout, weight is None).
 _SMALL_CALLS: dict[tuple[Any, ...], _SmallCall] = {}
 
@@ -136,11 +138,12 @@ def _small_call(x, num_groups, weight, bias, eps, layout, out):
     path. Measured on (2, 8, 4, 4)/4 allocating, with weight and bias: 2.26 -> 1.77 us a call.
     """
     call = _SMALL_CALLS.get((x.shape, x.dtype, num_groups, layout, weight is None))
+    # Module state read on every call, as the general path reads it: a test may lower these.
     if (
         call is None
-        or not _NATIVE_EPS_MIN <= eps < _INF
+        or not moments.NATIVE_MIN_EPS <= eps < math.inf
         or not x.flags.c_contiguous
-        or x.size >= _schedule.SERIAL_ELEMENTS  # a test may lower it to force the parallel paths
+        or x.size >= _schedule.SERIAL_ELEMENTS
     ):
         return None
     kernel, dims, channels, default_weight, default_bias, sum_type = call
@@ -159,7 +162,7 @@ def _small_call(x, num_groups, weight, bias, eps, layout, out):
         and bias.flags.c_contiguous
     ):
         return None
-    if out is None:
+    if out is None and x.nbytes < _output_pool.MIN_BYTES:
         out = np.empty(x.shape, x.dtype)
         kernel(x.ravel(), out.ravel(), *dims, weight, bias, eps, sum_type, 1)
     elif out is x and x.flags.writeable:
@@ -290,11 +293,18 @@ class _Kernels(NamedTuple):
     cooperative: Any
 
 
+def _forget_kernels() -> None:
+    """Forget the kernels chosen for earlier calls (``_kernels`` and ``_SMALL_CALLS``): for a test
+    that replaces a kernel, before and after."""
+    _kernels.cache_clear()
+    _SMALL_CALLS.clear()
+
+
 @functools.lru_cache(maxsize=256)
 def _kernels(geometry: Geometry, channels_last: bool, itemsize: int, affine: bool) -> _Kernels:
     """Which kernels normalize ``geometry`` in this memory order (``channels_last`` with more than
     one position: see group_moments); cached, since a small call's time is mostly such choices.
-    The cache holds the kernel objects: a test that replaces one calls ``_kernels.cache_clear()``.
+    The cache holds the kernel objects: a test that replaces one calls ``_forget_kernels()``.
 
     ``affine``: the caller gave a weight or a bias (without, NCHW needs no channel patterns).
     """

@@ -67,30 +67,47 @@ def test_cold_mode_flushes_and_says_so(capsys, monkeypatch):
 
 
 def test_every_timed_sample_follows_a_warm_up_of_its_own_contender(monkeypatch):
-    """Untimed calls of a contender for WARM_UP_SECONDS, then its timed calls: no timed sample
-    starts in the state another contender left."""
+    """Untimed calls of a contender (at least WARM_UP_CALLS, for at least WARM_UP_SECONDS), then
+    its timed calls: no timed sample starts in the state another contender left. Each repeat
+    starts with a different contender."""
     import time
 
     monkeypatch.setattr(_bench, "MIN_MEASUREMENT_SECONDS", 0.0)  # one timed call a sample
-    calls = []
+    events = []  # ("call", name, time), and ("warm", name, time) when a warm-up starts
+    warm_up = _bench._warm_up
+
+    def recorded_warm_up(run, seconds, calls=_bench.WARM_UP_CALLS):
+        events.append(("warm", run.__name__, time.perf_counter()))
+        warm_up(run, seconds, calls)
+
+    monkeypatch.setattr(_bench, "_warm_up", recorded_warm_up)
 
     def contender(name):
-        return lambda: calls.append((name, time.perf_counter()))
+        def run():
+            events.append(("call", name, time.perf_counter()))
 
-    medians = _bench.time_side_by_side(
-        {"nbgn in place": contender("a"), "b": contender("b")}, repeat=3
-    )
-    assert set(medians) == {"nbgn in place", "b"}
-    names = [name for name, _ in calls]
-    runs = []  # (name, first call time, last call time) of each run of one contender's calls
-    for index, (name, moment) in enumerate(calls):
-        if index == 0 or names[index - 1] != name:
-            runs.append([name, moment, moment])
-        runs[-1][2] = moment
-    # The compile-and-warm calls (a, b), then per repeat a run of each contender: warm-up calls
-    # spanning WARM_UP_SECONDS, then the timed one (the first run of a also holds the call that
-    # sized the measurements).
-    timed_runs = runs[2:]
-    assert [run[0] for run in timed_runs] == ["a", "b"] * 3
-    for name, first, last in timed_runs:
-        assert last - first >= _bench.WARM_UP_SECONDS, name
+        run.__name__ = name
+        return run
+
+    names = ["nbgn in place", "b", "c"]
+    medians = _bench.time_side_by_side({name: contender(name) for name in names}, repeat=3)
+    assert set(medians) == set(names)
+    # After the compile-and-warm calls: segments of a warm-up and the calls that follow it (the
+    # first one sizes the measurements), each of one contender.
+    first = next(i for i, event in enumerate(events) if event[0] == "warm")
+    assert [event[1] for event in events[:first]] == names
+    segments = []
+    for event in events[first:]:
+        if event[0] == "warm":
+            segments.append((event[1], [event[2]]))
+        else:
+            assert event[1] == segments[-1][0]  # only the warmed-up contender runs
+            segments[-1][1].append(event[2])
+    assert len(segments) == 1 + 3 * len(names)
+    for name, moments in segments:  # the warm-up's start, its calls, then the measured call
+        assert len(moments) >= 1 + _bench.WARM_UP_CALLS + 1, name
+        assert moments[-1] - moments[0] >= _bench.WARM_UP_SECONDS, name
+    order = [name for name, _ in segments[1:]]
+    repeats = [order[k : k + len(names)] for k in range(0, len(order), len(names))]
+    assert all(sorted(r) == sorted(names) for r in repeats)
+    assert len({r[0] for r in repeats}) == 3  # each repeat starts with another contender

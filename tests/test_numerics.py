@@ -196,15 +196,23 @@ def test_error_is_at_the_output_rounding_level(dtype, layout):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_nhwc_rows_summed_in_registers_on_hostile_data(dtype):
-    """NHWC rows whose lane sums stay in registers (8 channels: rows of whole vectors), over two
-    blocks of ``nhwc.REGISTER_BLOCK_ROWS`` rows and a position that fills no row, on data far from
-    zero that jumps by 1e6 standard deviations halfway: the second block must move its pivot."""
+    """NHWC rows whose lane sums stay in registers (12 channels: rows of whole vectors of 4 or 2
+    positions in float32, 2 or 1 in float64, with AVX-512 or AVX2), over several blocks of
+    ``nhwc.REGISTER_BLOCK_ROWS`` rows and positions that fill no row, on data far from zero that
+    jumps by 1e6 standard deviations halfway: a later block must move its pivot."""
     from nbgn.kernels import nhwc
 
     mean, std, tolerance = (3e4, 1e-2, 2e-5) if dtype == np.float32 else (1e8, 1.0, 1e-7)
-    shape = (2, 8, 65, 63)  # 4095 positions: rows of 2 (float32) or 1 (float64) positions
-    assert nhwc.REGISTER_BLOCK_ROWS * 2 < 4095
+    shape = (2, 12, 97, 89)  # 8633 positions: not a multiple of 2 or 4
+    assert 2 * nhwc.REGISTER_BLOCK_ROWS < 8633 // 4
     x = _far_from_zero(dtype, mean, std, shape, seed=9)
-    x[:, :, 33:] += dtype(1e6 * std)
-    _assert_close_to_reference(_in_layout(x, "NHWC"), 2, "NHWC", tolerance)
-    _assert_close_to_reference(_in_layout(x, "NHWC"), 4, "NHWC", tolerance)
+    x[:, :, 49:] += dtype(1e6 * std)
+    for groups in (2, 3, 6):
+        _assert_close_to_reference(_in_layout(x, "NHWC"), groups, "NHWC", tolerance)
+
+
+def test_nhwc_rows_summed_in_registers_redone_in_float64():
+    """Spread 1e25 in rows summed in registers, with positions that fill no row: the squares
+    overflow float32, and those blocks are summed again in float64 (one stream, and the leftover)."""
+    x = _far_from_zero(np.float32, 0.0, 1e25, (1, 12, 33, 31), seed=10)
+    _assert_close_to_reference(_in_layout(x, "NHWC"), 3, "NHWC", 2e-5)

@@ -21,34 +21,41 @@ def general_path_calls(monkeypatch):
     return calls
 
 
-def _inputs(rng, layout, dtype, affine):
-    x = make_input(SHAPE, layout, dtype, rng, offset=50.0)
+def _inputs(rng, layout, dtype, affine, shape=SHAPE):
+    x = make_input(shape, layout, dtype, rng, offset=50.0)
     if not affine:
         return x, None, None
-    weight = rng.standard_normal(SHAPE[1]).astype(dtype)
-    bias = rng.standard_normal(SHAPE[1]).astype(dtype)
+    weight = rng.standard_normal(shape[1]).astype(dtype)
+    bias = rng.standard_normal(shape[1]).astype(dtype)
     return x, weight, bias
+
+
+# (N, C, *spatial) channels first, num_groups: the kernels small calls reach. NCHW: fused (short
+# slabs), patterned (float32 with weights: 16 channels of 49 values); NHWC: small samples, fused
+# (samples of more than nhwc.SMALL_SAMPLE values), and one value per channel.
+KERNEL_CASES = [(SHAPE, GROUPS), ((2, 32, 7, 7), 2), ((2, 8, 16, 16), 4), ((6, 8), 4)]
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["allocate", "in_place"])
 @pytest.mark.parametrize("affine", [False, True])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize(("shape", "groups"), KERNEL_CASES)
 def test_second_call_takes_the_fast_path_with_identical_results(
-    rng, general_path_calls, layout, dtype, affine, in_place
+    rng, general_path_calls, shape, groups, layout, dtype, affine, in_place
 ):
-    x, weight, bias = _inputs(rng, layout, dtype, affine)
+    x, weight, bias = _inputs(rng, layout, dtype, affine, shape)
     api._SMALL_CALLS.clear()
     results = []
     for _ in range(2):
         source = x.copy()
-        result = nbgn.group_norm(source, GROUPS, weight, bias, layout=layout,
+        result = nbgn.group_norm(source, groups, weight, bias, layout=layout,
                                  out=source if in_place else None)  # fmt: skip
         assert (result is source) == in_place
         results.append(result)
     assert len(general_path_calls) == 1  # the first call only
     np.testing.assert_array_equal(results[1], results[0])
-    expected = reference_group_norm(x, GROUPS, weight, bias, 1e-5, layout)
+    expected = reference_group_norm(x, groups, weight, bias, 1e-5, layout)
     np.testing.assert_allclose(results[1], expected, atol=tolerance(dtype))
 
 
@@ -66,6 +73,10 @@ def test_second_call_takes_the_fast_path_with_identical_results(
         "out separate",
         "x strided",
         "x channels last memory",
+        "x byte-swapped",
+        "x subclass",
+        "out a view of x",
+        "layout a numpy string",
     ],
 )
 def test_calls_it_is_not_sure_of_take_the_general_path(rng, general_path_calls, case):
@@ -99,14 +110,27 @@ def test_calls_it_is_not_sure_of_take_the_general_path(rng, general_path_calls, 
         x = np.repeat(x, 2, axis=-1)[..., ::2]
     elif case == "x channels last memory":
         x = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+    elif case == "x byte-swapped":
+        x = x.astype(x.dtype.newbyteorder())
+    elif case == "x subclass":
+        x = x.view(np.memmap)
+    elif case == "out a view of x":
+        x = x.copy()
+        kwargs["out"] = x[...]
+    elif case == "layout a numpy string":
+        kwargs["layout"] = np.str_("NCHW")
     before = len(general_path_calls)
+    if case == "x byte-swapped":
+        with pytest.raises(TypeError, match="non-native byte order"):
+            nbgn.group_norm(x, groups, weight, bias, **kwargs)
+        return
+    expected = reference_group_norm(x, GROUPS, weight, bias, kwargs.get("eps", 1e-5), "NCHW")
     result = nbgn.group_norm(x, groups, weight, bias, **kwargs)
     assert len(general_path_calls) == before + 1
     if "out" in kwargs:
         assert result is kwargs["out"]
     if case == "x channels last memory":
         assert result.transpose(0, 2, 3, 1).flags.c_contiguous  # the memory order of x
-    expected = reference_group_norm(x, GROUPS, weight, bias, kwargs.get("eps", 1e-5), "NCHW")
     np.testing.assert_allclose(result, expected, atol=tolerance(np.float32))
 
 
@@ -123,6 +147,7 @@ def test_calls_it_is_not_sure_of_take_the_general_path(rng, general_path_calls, 
         ({"num_groups": True}, TypeError, "num_groups must be a positive integer"),
         ({"num_groups": 3}, ValueError, "does not divide"),
         ({"layout": "nchw"}, ValueError, "layout must be"),
+        ({"layout": ["NCHW"]}, ValueError, "layout must be"),
     ],
 )
 def test_errors_after_a_registered_call(rng, change, error, match):
@@ -183,3 +208,50 @@ def test_the_memo_is_bounded(rng):
     for spatial in range(1, 1100):
         nbgn.group_norm(np.ones((1, 4, spatial), np.float32), 2)
     assert 0 < len(api._SMALL_CALLS) <= 1024
+
+
+def test_layouts_that_are_not_str_take_the_general_path(rng):
+    """A 0-d array equal to 'NCHW' was accepted before the fast path existed (the check compares);
+    it must still be, not fail on hashing a key."""
+    x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
+    api._SMALL_CALLS.clear()
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    np.testing.assert_allclose(nbgn.group_norm(x, GROUPS, weight, bias, layout=np.array("NCHW")),
+                               reference_group_norm(x, GROUPS, weight, bias), atol=1e-5)  # fmt: skip
+
+
+def test_replaced_kernels_are_used_after_forget_kernels(rng, monkeypatch):
+    """A test that replaces a kernel calls api._forget_kernels(): the remembered small calls go
+    too, so the replacement runs; forgotten again, the original does."""
+    from nbgn.kernels import nchw
+
+    x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    calls = []
+    original = nchw.group_norm_fused_serial
+    monkeypatch.setattr(nchw, "group_norm_fused_serial",
+                        lambda *args: calls.append(1) or original(*args))  # fmt: skip
+    api._forget_kernels()
+    expected = reference_group_norm(x, GROUPS, weight, bias)
+    for _ in range(2):
+        np.testing.assert_allclose(nbgn.group_norm(x, GROUPS, weight, bias), expected, atol=1e-5)
+    assert len(calls) == 2
+    monkeypatch.undo()
+    api._forget_kernels()
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    assert len(calls) == 2
+
+
+def test_a_lowered_pool_threshold_reaches_the_pool(rng, monkeypatch):
+    """Allocating results of _output_pool.MIN_BYTES or more come from the pool on either path."""
+    from nbgn import _output_pool
+
+    x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
+    api._SMALL_CALLS.clear()
+    nbgn.group_norm(x, GROUPS, weight, bias)
+    monkeypatch.setattr(_output_pool, "MIN_BYTES", x.nbytes)
+    result = nbgn.group_norm(x, GROUPS, weight, bias)
+    assert isinstance(result.base, _output_pool._Lease)
+    np.testing.assert_allclose(result, reference_group_norm(x, GROUPS, weight, bias), atol=1e-5)

@@ -244,7 +244,7 @@ def test_thread_count_decides_the_kernel(monkeypatch):
     from nbgn import api
     from nbgn.kernels import nchw
 
-    api._kernels.cache_clear()  # it holds the kernels chosen for earlier calls, unwrapped
+    api._forget_kernels()  # it holds the kernels chosen for earlier calls, unwrapped
     calls = []
     for name in ("group_norm_fused", "group_norm_fused_serial"):
         kernel = getattr(nchw, name)
@@ -265,5 +265,5 @@ def test_thread_count_decides_the_kernel(monkeypatch):
         np.testing.assert_allclose(nbgn.group_norm(x, 2), expected, atol=2e-5)
     finally:
         numba.set_num_threads(before)
-        api._kernels.cache_clear()  # the wrapped kernels must not outlive the test
+        api._forget_kernels()  # the wrapped kernels must not outlive the test
     assert calls == [("group_norm_fused_serial", 1), ("group_norm_fused", 2)]

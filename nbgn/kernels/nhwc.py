@@ -6,9 +6,10 @@ one accumulator per *lane* (a column of rows): the inner loop runs along contigu
 vectorizes even for three channels. Every lane of a group shares the group's pivot, so lanes add up
 into group sums without a merge. A *block* of rows is summed in the input's precision, then its lane
 sums are added up per channel and per group in float64 and merged with Chan's formula, with the
-same checks as ``moments.contiguous_moments``. Where the shortest row of whole vectors is short
-enough (C dividing 128 in float32 with AVX-512), the rows go one after the other and their
-lane sums stay in registers (``simd.lane_sums_in_registers``); otherwise in sweeps of four rows.
+same checks as ``moments.contiguous_moments``. Where the shortest row of whole vectors (lcm(C, 16)
+float32 values with AVX-512) is short enough (128 values: C = 3, 16, 48, 128, ...), the rows go one
+after the other and their lane sums stay in registers (``simd.lane_sums_in_registers``);
+otherwise in sweeps of four rows.
 
 Bytes moved per element: the moments pass reads a sample once and the normalization reads it again in
 reverse (from L2/L3 when a sample fits there) and writes it: ``2b`` to ``3b`` per element. The
@@ -81,7 +82,8 @@ FEW_CHANNELS = 16
 SWEEPS_PER_BLOCK = 32
 
 #: Rows per block where the lane sums stay in registers: each lane adds 32 sums of at most
-#: ``simd.SPILL_ROWS`` (32) values before the flush, 64 additions as in ``SWEEPS_PER_BLOCK``'s.
+#: ``simd.SPILL_ROWS`` (32) values before the flush, some 64 roundings deep, as ``moments.BLOCK``'s
+#: runs are (the sweeps' lanes, 32 sums of four values, some 34).
 REGISTER_BLOCK_ROWS = 32 * SPILL_ROWS
 
 
