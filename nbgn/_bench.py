@@ -84,19 +84,17 @@ def contenders(x: np.ndarray, groups: int, layout: str) -> dict[str, Callable[[]
     return contenders
 
 
-#: Untimed calls of a contender before each of its timed measurements last this long, and are
-#: this many, at least. One call is not enough on a 2-core VM: after 20 PyTorch calls, nbgn's next eight (16, 2048, 7,
+#: Untimed calls of a contender before each of its timed measurements last this long at least (ten
+#: calls of 200 us; one of a contender slower than that). One call is not enough on a 2-core VM: after 20 PyTorch calls, nbgn's next eight (16, 2048, 7,
 #: 7)/32 allocating calls took 245, 191, 147, 129, 122, 122, 119 and 118 us (medians of 15), against
 #: 113-116 us after its own; PyTorch's after nbgn's 233, 203, 193, 187 against 179 us.
-WARM_UP_SECONDS = 1e-3
-WARM_UP_CALLS = 5
+WARM_UP_SECONDS = 2e-3
 
 
-def _warm_up(run: Callable[[], object], seconds: float, calls: int = WARM_UP_CALLS) -> None:
-    """Call ``run`` for at least ``seconds`` and at least ``calls`` times, untimed."""
+def _warm_up(run: Callable[[], object], seconds: float) -> None:
+    """Call ``run`` for at least ``seconds`` (once at least), untimed."""
     start = time.perf_counter()
-    for _ in range(calls):
-        run()
+    run()
     while time.perf_counter() - start < seconds:
         run()
 

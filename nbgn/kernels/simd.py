@@ -116,6 +116,16 @@ def _float_input_and_output(x, out):
     )
 
 
+def _table_like(table, x):
+    """Whether the Numba type ``table`` is a C-contiguous 2-D array of x's dtype."""
+    return (
+        isinstance(table, types.Array)
+        and table.dtype == x.dtype
+        and table.ndim == 2
+        and table.layout == "C"
+    )
+
+
 @intrinsic
 def _apply_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shift):
     if not _float_input_and_output(x, out):
@@ -180,14 +190,7 @@ def _apply_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shif
 
 @intrinsic
 def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficients):
-    if not _float_input_and_output(x, out):
-        return None
-    if not (
-        isinstance(coefficients, types.Array)
-        and coefficients.dtype == x.dtype
-        and coefficients.ndim == 2
-        and coefficients.layout == "C"
-    ):
+    if not (_float_input_and_output(x, out) and _table_like(coefficients, x)):
         return None
     signature = types.void(x, out, types.intp, types.intp, types.intp, coefficients)
     in_place = isinstance(out, types.NoneType)
@@ -272,15 +275,7 @@ def _sum_row_vectors() -> int:
 
 @intrinsic
 def _sum_rows_in_registers(typingctx, x, start, rows, row_vectors, lanes):
-    floats = (types.float32, types.float64)
-    if not (isinstance(x, types.Array) and x.dtype in floats):
-        return None
-    if not (
-        isinstance(lanes, types.Array)
-        and lanes.dtype == x.dtype
-        and lanes.ndim == 2
-        and lanes.layout == "C"
-    ):
+    if not (_float_input_and_output(x, types.none) and _table_like(lanes, x)):
         return None
     signature = types.void(x, types.intp, types.intp, types.intp, lanes)
 
@@ -311,26 +306,19 @@ def _sum_rows_in_registers(typingctx, x, start, rows, row_vectors, lanes):
             """A loop of ``stop`` iterations carrying the vectors ``carried``; ``body(counter,
             values)`` returns their next values. Returns their values after the loop."""
             entry = builder.block
-            header = function.append_basic_block(f"{name}.header")
-            body_block = function.append_basic_block(f"{name}.body")
             exit_block = function.append_basic_block(f"{name}.exit")
-            builder.branch(header)
-            builder.position_at_end(header)
-            counter = builder.phi(intp)
-            counter.add_incoming(ir.Constant(intp, 0), entry)
-            phis = []
-            for value in carried:
-                phi = builder.phi(vector_type)
+            counter, body_block = _loop_from_zero(builder, name, stop, exit_block, intp)
+            builder.position_at_start(counter.parent)
+            phis = [builder.phi(vector_type) for _ in carried]
+            for phi, value in zip(phis, carried, strict=True):
                 phi.add_incoming(value, entry)
-                phis.append(phi)
-            builder.cbranch(builder.icmp_signed("<", counter, stop), body_block, exit_block)
             builder.position_at_end(body_block)
             following = body(counter, phis)
             latch = builder.block
             counter.add_incoming(builder.add(counter, ir.Constant(intp, 1)), latch)
             for phi, value in zip(phis, following, strict=True):
                 phi.add_incoming(value, latch)
-            builder.branch(header)
+            builder.branch(counter.parent)
             builder.position_at_end(exit_block)
             return phis
 
