@@ -360,44 +360,31 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
         group_pivot[g] = cast_like(total / channels_per_group, group_pivot)
     expand_pivots(group_pivot, channels, lanes)
 
-    if in_registers:
-        # One sequential stream, blocks of REGISTER_BLOCK_ROWS rows; the positions that do not
-        # fill a row go with the last block.
-        full_rows = positions // positions_per_row
-        leftover = positions - full_rows * positions_per_row
-        num_blocks = -(-full_rows // REGISTER_BLOCK_ROWS)
-        for block in range(num_blocks):
-            first_row = block * REGISTER_BLOCK_ROWS
-            rows = min(REGISTER_BLOCK_ROWS, full_rows - first_row)
-            extra_rows = leftover if block == num_blocks - 1 else 0
-            count = (rows * positions_per_row + extra_rows) * channels_per_group
-            block_group_moments(x, rows_start + first_row * width, width, 0, rows,
-                                rows_start + full_rows * width, extra_rows, count, refs, stats,
-                                lanes, per_channel, group_pivot, sums)  # fmt: skip
-        return
-
-    # Blocks of sweeps over the four quarters of the rows, then what the quarters leave, position by
-    # position (up to three rows and a partial one): with the last sweep block when there are at
-    # most SWEEPS_PER_BLOCK of those positions (a block's fixed cost, ~2 us at C = 2048, is more
-    # than such a tail's), else in blocks of their own. One call site: each kind of block compiled
-    # separately would double the compile time.
+    # Blocks of rows: sweeps over the four quarters of the rows (in registers: one stream of all
+    # of them), then what the quarters leave, position by position (up to three rows and a partial
+    # one): with the last block when there are at most SWEEPS_PER_BLOCK of those positions (a
+    # block's fixed cost, ~2 us at C = 2048, is more than such a tail's), else in blocks of their
+    # own. One call site, with arguments of one type: each kind of block compiled separately (as a
+    # literal 0 stride would be) doubled the compile time.
     full_rows = positions // positions_per_row
-    quarter = full_rows // 4
-    sweep_blocks = -(-quarter // SWEEPS_PER_BLOCK)
-    tail_start = rows_start + 4 * quarter * width
-    tail_positions = positions - 4 * quarter * positions_per_row
+    streams = 1 if in_registers else 4
+    block_rows = REGISTER_BLOCK_ROWS if in_registers else SWEEPS_PER_BLOCK
+    quarter = full_rows // streams
+    sweep_blocks = -(-quarter // block_rows)
+    tail_start = rows_start + streams * quarter * width
+    tail_positions = positions - streams * quarter * positions_per_row
     joined = sweep_blocks > 0 and tail_positions <= SWEEPS_PER_BLOCK
     tail_blocks = 0 if joined else -(-tail_positions // (4 * SWEEPS_PER_BLOCK))
     for block in range(sweep_blocks + tail_blocks):
         extra_start = 0
         extra_rows = 0
         if block < sweep_blocks:
-            first_sweep = block * SWEEPS_PER_BLOCK
-            rows = min(SWEEPS_PER_BLOCK, quarter - first_sweep)
+            first_sweep = block * block_rows
+            rows = min(block_rows, quarter - first_sweep)
             block_start = rows_start + first_sweep * width
             block_width = width
-            stream_stride = quarter * width
-            count = rows * 4 * positions_per_row * channels_per_group
+            stream_stride = quarter * width if streams > 1 else 0
+            count = rows * streams * positions_per_row * channels_per_group
             if joined and block == sweep_blocks - 1:
                 extra_start = tail_start
                 extra_rows = tail_positions
