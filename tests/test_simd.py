@@ -142,7 +142,7 @@ def test_nhwc_lane_sums_take_the_registers_for_short_consecutive_rows(dtype):
     lanes = np.zeros((3, width), dtype)
     lanes[0] = x[:width]
     registers = lanes.copy()
-    nhwc.lane_sums(x, 0, width, 0, 100, lanes, True)
+    nhwc.lane_sums(x, 0, width, 0, 100, lanes, True, 0)
     nhwc.register_lane_sums(x, 0, 100, 2, registers)
     np.testing.assert_array_equal(lanes, registers)
     d = x.reshape(100, width).astype(np.float64) - lanes[0]
@@ -151,5 +151,5 @@ def test_nhwc_lane_sums_take_the_registers_for_short_consecutive_rows(dtype):
     np.testing.assert_allclose(lanes[2], (d * d).sum(0), rtol=tolerance)
     wide = np.zeros((3, width))
     wide[0] = lanes[0]
-    nhwc.lane_sums(x, 0, width, 0, 100, wide, True)
+    nhwc.lane_sums(x, 0, width, 0, 100, wide, True, 0)
     np.testing.assert_allclose(wide[1], d.sum(0), rtol=1e-12, atol=1e-9)

@@ -52,7 +52,9 @@ from .simd import (
     SPILL_ROWS,
     apply_rows,
     channel_lanes,
+    folded_lane_sums,
     l1_data_bytes,
+    lane_fold,
     lane_sums_in_registers,
     registers_hold_rows,
     row_limits,
@@ -120,8 +122,21 @@ def register_lane_sums(x, start, rows, row_vectors, lanes):
     lane_sums_in_registers(x, start, rows, row_vectors, lanes)
 
 
+@numba.njit(cache=True)
+def register_folded_sums(x, start, stream_stride, rows, width, fold, lanes):
+    """``simd.folded_lane_sums``, compiled on its own without fastmath, as ``register_lane_sums``."""
+    folded_lane_sums(x, start, stream_stride, rows, width, fold, lanes)
+
+
+@numba.njit(inline="always")
+def lane_count(width, fold):
+    """Lanes that rows of ``width`` values add into: one per value, or one per ``fold`` vectors
+    (``simd.folded_lane_sums``)."""
+    return width // fold if fold > 0 else width
+
+
 @numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
-def lane_sums(x, start, width, stream_stride, rows, lanes, clear):
+def lane_sums(x, start, width, stream_stride, rows, lanes, clear, fold):
     """Sum ``x - pivot`` and its square per lane into ``lanes[1]`` and ``lanes[2]``, in their type,
     about ``lanes[0]``, over ``rows`` rows of ``width`` values from ``x[start]``; with a positive
     ``stream_stride``, each of those rows together with the rows ``stream_stride``, 2 and 3 times
@@ -131,13 +146,18 @@ def lane_sums(x, start, width, stream_stride, rows, lanes, clear):
     prefetchers follow (four adjacent rows would be four streams of a few lines each, which they do
     not), and they share each load and store of the lane sums. Consecutive rows (no
     ``stream_stride``) of whole vectors short enough go through ``simd.lane_sums_in_registers``.
-    ``clear`` False adds to the lane sums instead of starting them from zero.
+    A positive ``fold`` adds that many vectors of a group into each vector of lanes
+    (``simd.folded_lane_sums``; ``width / fold`` lanes). ``clear`` False adds to the lane sums
+    instead of starting them from zero.
     """
-    pivot, s1, s2 = lanes[0, :width], lanes[1, :width], lanes[2, :width]
+    lanes_used = lane_count(width, fold)
+    pivot, s1, s2 = lanes[0, :lanes_used], lanes[1, :lanes_used], lanes[2, :lanes_used]
     if clear:
         s1[:] = 0.0
         s2[:] = 0.0
-    if stream_stride == 0 and registers_hold_rows(x, lanes, width):
+    if fold > 0:
+        register_folded_sums(x, start, stream_stride, rows, width, fold, lanes)
+    elif stream_stride == 0 and registers_hold_rows(x, lanes, width):
         register_lane_sums(x, start, rows, width // channel_lanes(x), lanes)
     elif stream_stride > 0:
         for r in range(rows):
@@ -229,20 +249,21 @@ def repivot(group_pivot, sums, count):
 
 @numba.njit(cache=True)
 def block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count, lanes,
-                     channel_sums, group_pivot, sums):  # fmt: skip
+                     channel_sums, group_pivot, sums, fold):  # fmt: skip
     """Group sums ``sums[:, 0:2]`` of one block (and its ``tail_rows`` positions from
     ``tail_start``) about ``group_pivot`` (expanded in ``lanes[0]``), in the type of ``lanes``;
     summed again, once, about the block's means where a pivot did not stand (the moved pivots stay
-    for the next blocks)."""
+    for the next blocks). ``fold`` as for ``lane_sums``."""
     channels = channel_sums.shape[1]
+    lane_channels = lane_count(channels, fold)
     for attempt in range(2):
-        lane_sums(x, start, width, stream_stride, rows, lanes, True)
+        lane_sums(x, start, width, stream_stride, rows, lanes, True, fold)
         if tail_rows > 0:
-            lane_sums(x, tail_start, channels, 0, tail_rows, lanes, False)
-        group_sums(lanes, width, channel_sums, sums)
+            lane_sums(x, tail_start, channels, 0, tail_rows, lanes, False, fold)
+        group_sums(lanes, lane_count(width, fold), channel_sums[:, :lane_channels], sums)
         if attempt == 1 or not repivot(group_pivot, sums, count):
             break
-        expand_pivots(group_pivot, channels, lanes)
+        expand_pivots(group_pivot, lane_channels, lanes)
 
 
 @numba.njit(cache=True)
@@ -280,17 +301,17 @@ def float64_block_group_sums(x, start, width, stream_stride, rows, tail_start, t
 
 @numba.njit(cache=True)
 def block_group_moments(x, start, width, stream_stride, rows, tail_start, tail_rows, count, refs,
-                        stats, lanes, channel_sums, group_pivot, sums):  # fmt: skip
+                        stats, lanes, channel_sums, group_pivot, sums, fold):  # fmt: skip
     """Merge the moments of one block of rows into ``stats[g]`` for every group ``g``.
 
     ``count`` values of each group lie in the block (its rows, and ``tail_rows`` positions from
-    ``tail_start``). Summed in the type of ``lanes``, and redone in
-    float64 where a sum is not finite, as in ``moments.contiguous_moments``. The arrays are
+    ``tail_start``). Summed in the type of ``lanes`` (``fold`` as for ``lane_sums``), and redone
+    in float64 where a sum is not finite, as in ``moments.contiguous_moments``. The arrays are
     ``sample_moments``'s scratch.
     """
     num_groups = group_pivot.size
     block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count, lanes,
-                     channel_sums, group_pivot, sums)  # fmt: skip
+                     channel_sums, group_pivot, sums, fold)  # fmt: skip
     finite = True
     for g in range(num_groups):
         finite = finite and np.isfinite(sums[g, 1])
@@ -307,7 +328,7 @@ def block_group_moments(x, start, width, stream_stride, rows, tail_start, tail_r
     for g in range(num_groups):
         merge_shifted_sums(stats, g, count, sums[g, 0], sums[g, 1], group_pivot64[g], refs[g])
         group_pivot[g] = cast_like(group_pivot64[g], group_pivot)
-    expand_pivots(group_pivot, channel_sums.shape[1], lanes)
+    expand_pivots(group_pivot, lane_count(channel_sums.shape[1], fold), lanes)
 
 
 @numba.njit(cache=True)
@@ -340,9 +361,15 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     )
     positions_per_row = vector_row // channels if in_registers else lane_positions(channels,
                                                                                    positions)  # fmt: skip
+    # Rows too long for that whose groups are whole vectors go one position a row, in sweeps, a
+    # group's vectors folded into a few lanes (simd.folded_lane_sums).
+    fold = 0 if in_registers else lane_fold(x, lane_space, channels_per_group)
+    if fold > 0:
+        positions_per_row = 1
     width = positions_per_row * channels
-    lanes = lane_space[: 3 * width].reshape(3, width)
-    group_pivot = lane_space[3 * width : 3 * width + num_groups]
+    lane_width = lane_count(width, fold)
+    lanes = lane_space[: 3 * lane_width].reshape(3, lane_width)
+    group_pivot = lane_space[3 * lane_width : 3 * lane_width + num_groups]
     per_channel = wide[: 2 * channels].reshape(2, channels)
     refs = wide[2 * channels : 2 * channels + num_groups]
     sums = wide[2 * channels + num_groups : 2 * channels + 4 * num_groups].reshape(num_groups, 3)
@@ -358,7 +385,7 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
         # float64: float32 values near 3e38 would add up to inf, and the group to NaN
         total = group_total(x[first : first + channels_per_group])
         group_pivot[g] = cast_like(total / channels_per_group, group_pivot)
-    expand_pivots(group_pivot, channels, lanes)
+    expand_pivots(group_pivot, lane_count(channels, fold), lanes)
 
     # Blocks of rows: sweeps over the four quarters of the rows (in registers: one stream of all
     # of them), then what the quarters leave, position by position (up to three rows and a partial
@@ -398,7 +425,7 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
             count = rows * channels_per_group
         block_group_moments(x, block_start, block_width, stream_stride, rows, extra_start,
                             extra_rows, count, refs, stats, lanes, per_channel,
-                            group_pivot, sums)  # fmt: skip
+                            group_pivot, sums, fold)  # fmt: skip
 
 
 @numba.njit(inline="always")
@@ -408,6 +435,35 @@ def apply_row(x, out, start, width, center, scale, shift):
     target = destination(source, out, start, start + width)
     for j in range(width):
         target[j] = (source[j] - center[j]) * scale[j] + shift[j]
+
+
+@numba.njit(inline="always")
+def spread_lanes(coefficients, first_channel, width, lane_space):
+    """Write the lane coefficients of rows of ``width`` values (whole positions) whose first lane
+    holds channel ``first_channel``: each row of ``coefficients`` (``(3, C)``), rotated and
+    repeated, into ``lane_space[k * width : (k + 1) * width]`` for k = 0, 1, 2.
+
+    Rows of a few positions are copied as slices (C = 2048: 0.1 us, against 1.0 us value by value,
+    a tenth of the sample's normalization); rows of many positions of a few channels value by value.
+    """
+    channels = coefficients.shape[1]
+    if width // channels <= 8:
+        wrap = channels - first_channel
+        for k in range(3):
+            row = coefficients[k]
+            for position_start in range(k * width, (k + 1) * width, channels):
+                # Loops, not slice assignments: Numba's check of those for overlap cost more.
+                lanes = lane_space[position_start : position_start + channels]
+                for j in range(wrap):
+                    lanes[j] = row[first_channel + j]
+                for j in range(first_channel):
+                    lanes[wrap + j] = row[j]
+        return
+    channel = first_channel
+    for j in range(width):
+        for k in range(3):
+            lane_space[k * width + j] = coefficients[k, channel]
+        channel = channel + 1 if channel + 1 < channels else 0
 
 
 @numba.njit(cache=True, fastmath={"contract"})  # (x - c) * a + b as one rounding: fma
@@ -442,12 +498,7 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     center = lane_space[:width]
     scale = lane_space[width : 2 * width]
     shift = lane_space[2 * width : 3 * width]
-    channel = skew % channels
-    for j in range(width):
-        center[j] = coefficients[0, channel]
-        scale[j] = coefficients[1, channel]
-        shift[j] = coefficients[2, channel]
-        channel = channel + 1 if channel + 1 < channels else 0
+    spread_lanes(coefficients, skew % channels, width, lane_space)
     rows_start = range_start + skew
     full_rows = (total - skew) // width
     tail = total - skew - full_rows * width
