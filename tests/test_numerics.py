@@ -216,3 +216,55 @@ def test_nhwc_rows_summed_in_registers_redone_in_float64():
     overflow float32, and those blocks are summed again in float64 (one stream, and the leftover)."""
     x = _far_from_zero(np.float32, 0.0, 1e25, (1, 12, 33, 31), seed=10)
     _assert_close_to_reference(_in_layout(x, "NHWC"), 3, "NHWC", 2e-5)
+
+
+# (C, groups, positions): lcm(C, 16) > 128 float32, so the rows go in sweeps; each group whole
+# vectors, folded 1 (C = 512), 2 (C = 256) and 4 (C = 768, 4 groups: 12 vectors) vectors to a lane
+# vector in float32, 2, 4 and 4 in float64. 437 positions: several blocks of SWEEPS_PER_BLOCK sweeps and
+# leftover positions; 3 positions: no sweep, a block of leftovers only.
+FOLDED_CASES = [(512, 32, (19, 23)), (256, 8, (19, 23)), (768, 4, (19, 23)), (512, 32, (1, 3))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", FOLDED_CASES)
+def test_nhwc_folded_lanes_on_hostile_data(case, dtype):
+    """NHWC groups of whole vectors, their vectors folded into a few lanes
+    (``simd.folded_lane_sums``), on data far from zero that jumps by 1e6 standard deviations
+    halfway through the positions: a later block must move its pivot. One sample (split across
+    threads) and two (whole samples)."""
+    from nbgn.kernels import nhwc, simd
+
+    channels, groups, spatial = case
+    mean, std, tolerance = (3e4, 1e-2, 2e-5) if dtype == np.float32 else (1e8, 1.0, 1e-7)
+    vector = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
+    assert (channels // groups) % vector == 0
+    positions = spatial[0] * spatial[1]
+    assert positions < 4 or positions // 4 > 2 * nhwc.SWEEPS_PER_BLOCK
+    for samples in (1, 2):
+        x = _far_from_zero(dtype, mean, std, (samples, channels, *spatial), seed=11)
+        x[:, :, spatial[0] // 2 :] += dtype(1e6 * std)
+        _assert_close_to_reference(_in_layout(x, "NHWC"), groups, "NHWC", tolerance)
+        got_mean, got_var = nbgn.group_moments(_in_layout(x, "NHWC"), groups, layout="NHWC")
+        ref_mean, ref_var = reference_moments(_in_layout(x, "NHWC"), groups, "NHWC")
+        np.testing.assert_allclose(got_var, ref_var, rtol=1e-7 if dtype == np.float32 else 1e-9)
+        assert np.all(np.abs(got_mean - ref_mean) <= 1e-6 * np.sqrt(ref_var))
+
+
+@pytest.mark.parametrize("shape", [(1, 256, 19, 23), (2, 512, 1, 3)])
+def test_nhwc_folded_lanes_redone_in_float64(shape):
+    """Spread 1e25 in folded lanes: the squares overflow float32, and those blocks are summed
+    again in float64 (sweeps with leftover positions; a block of leftovers only)."""
+    x = _far_from_zero(np.float32, 0.0, 1e25, shape, seed=12)
+    _assert_close_to_reference(_in_layout(x, "NHWC"), 8, "NHWC", 2e-5)
+
+
+def test_nhwc_folded_first_pivots_near_the_float32_limit():
+    """Values of 1e38 to 1.1e38 in groups of 32 channels: the first pivots, each group's mean at
+    the first position (``simd.float64_run_sums``), are summed in float64, not to inf."""
+    x = np.random.default_rng(13).uniform(1.0e38, 1.1e38, (1, 256, 5, 7)).astype(np.float32)
+    x = _in_layout(x, "NHWC")
+    _assert_close_to_reference(x, 8, "NHWC", 2e-5)
+    mean, var = nbgn.group_moments(x, 8, layout="NHWC")
+    expected_mean, expected_var = reference_moments(x, 8, "NHWC")
+    np.testing.assert_allclose(mean, expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(var, expected_var, rtol=1e-9)

@@ -142,7 +142,7 @@ def test_nhwc_lane_sums_take_the_registers_for_short_consecutive_rows(dtype):
     lanes = np.zeros((3, width), dtype)
     lanes[0] = x[:width]
     registers = lanes.copy()
-    nhwc.lane_sums(x, 0, width, 0, 100, lanes, True, 0)
+    nhwc.lane_sums(x, 0, width, 0, 100, lanes, 0)
     nhwc.register_lane_sums(x, 0, 100, 2, registers)
     np.testing.assert_array_equal(lanes, registers)
     d = x.reshape(100, width).astype(np.float64) - lanes[0]
@@ -151,5 +151,80 @@ def test_nhwc_lane_sums_take_the_registers_for_short_consecutive_rows(dtype):
     np.testing.assert_allclose(lanes[2], (d * d).sum(0), rtol=tolerance)
     wide = np.zeros((3, width))
     wide[0] = lanes[0]
-    nhwc.lane_sums(x, 0, width, 0, 100, wide, True, 0)
+    nhwc.lane_sums(x, 0, width, 0, 100, wide, 0)
     np.testing.assert_allclose(wide[1], d.sum(0), rtol=1e-12, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_folded_lane_sums_match_float64_sums(dtype):
+    """Every fold the switch has, four streams and one, any start, rows of several lane vectors:
+    each lane vector gets the sums of ``x - pivot`` and its square over its ``fold`` vectors of
+    every row, nothing else is written."""
+    vector = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(3)
+    run = numba.njit(lambda x, start, stride, rows, width, fold, lanes: simd.folded_lane_sums(
+        x, start, stride, rows, width, fold, lanes))  # fmt: skip
+    for fold in simd.FOLDS:
+        width = 3 * fold * vector  # three lane vectors a row
+        lane_width = width // fold
+        for streams, rows in ((4, 0), (4, 1), (4, 5), (1, 1), (1, 7)):
+            start = 5
+            stride = (rows + 2) * width if streams == 4 else 0
+            x = (rng.standard_normal(start + 4 * (rows + 2) * width) * 2 + 7).astype(dtype)
+            table = np.zeros((3, lane_width), dtype)  # its rows are lane_width apart
+            table[0] = np.repeat(7 + rng.standard_normal(3), vector)
+            table[1:] = [[1.0], [2.0]]
+            before = table.copy()
+            run(x, start, stride, rows, width, fold, table)
+            expected1 = np.ones(lane_width)
+            expected2 = np.full(lane_width, 2.0)
+            for k in range(streams):
+                for r in range(rows):
+                    row = x[start + k * stride + r * width :][:width].astype(np.float64)
+                    d = row.reshape(3, fold, vector) - before[0].reshape(3, 1, vector)
+                    expected1 += d.sum(1).ravel()
+                    expected2 += (d * d).sum(1).ravel()
+            tolerance = 1e-5 if dtype == np.float32 else 1e-13
+            np.testing.assert_allclose(table[1], expected1, rtol=tolerance, atol=tolerance * 100)
+            np.testing.assert_allclose(table[2], expected2, rtol=tolerance)
+            np.testing.assert_array_equal(table[0], before[0])
+
+
+def test_lane_fold_takes_the_largest_fold_dividing_a_group():
+    fold = numba.njit(
+        lambda x, lanes, channels_per_group: simd.lane_fold(x, lanes, channels_per_group)
+    )
+    vector = simd._host_row_limits()[0] // 4
+    x = np.zeros(4, np.float32)
+    lanes = np.zeros((3, 4), np.float32)
+    assert fold(x, lanes, vector) == 1
+    assert fold(x, lanes, 2 * vector) == 2
+    assert fold(x, lanes, 3 * vector) == 1
+    assert fold(x, lanes, 12 * vector) == 4
+    assert fold(x, lanes, 64 * vector) == 4
+    assert fold(x, lanes, vector + 1) == 0  # not whole vectors
+    assert fold(x, np.zeros((3, 4)), vector) == 0  # float64 sums of float32 values
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_float64_run_sums(dtype):
+    """Runs of one and several vectors from any start into one column of a float64 table, the
+    other cells untouched; runs out of bounds or not whole vectors refused before any write."""
+    vector = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
+    run = numba.njit(lambda values, start, length, runs, totals, column: simd.float64_run_sums(
+        values, start, length, runs, totals, column))  # fmt: skip
+    values = (np.random.default_rng(4).standard_normal(40 * vector + 7) * 1e30).astype(dtype)
+    for length, runs, start in ((vector, 32, 3), (4 * vector, 9, 0), (3 * vector, 13, 7)):
+        totals = np.full((runs + 2, 3), -1.0)
+        run(values, start, length, runs, totals, 1)
+        expected = values[start : start + runs * length].astype(np.float64)
+        np.testing.assert_allclose(totals[:runs, 1], expected.reshape(runs, length).sum(1),
+                                   rtol=1e-12)  # fmt: skip
+        assert np.all(totals[:, [0, 2]] == -1.0)
+        assert np.all(totals[runs:, 1] == -1.0)
+    totals = np.full((4, 3), -1.0)
+    for bad in ((0, vector + 1, 2, 0), (values.size - vector + 1, vector, 1, 0),
+                (0, vector, 5, 0), (0, vector, 2, 3)):  # fmt: skip
+        with pytest.raises(ValueError, match="float64_run_sums"):
+            run(values, *bad[:3], totals, bad[3])
+    assert np.all(totals == -1.0)

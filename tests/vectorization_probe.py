@@ -64,7 +64,7 @@ def main():
 
         # NHWC: 64 positions x 16 channels (lanes), 16 positions x 8 channels (small samples).
         lanes = np.zeros((3, 256), dtype)
-        nhwc.lane_sums(x, 0, 256, 512, 2, lanes, True, 0)
+        nhwc.lane_sums(x, 0, 256, 512, 2, lanes, 0)
         counts[f"nhwc.lane_sums [{name}, four streams]"] = packed_count(nhwc.lane_sums)
         nhwc.register_lane_sums(x, 0, 4, 2, lanes)
         counts[f"nhwc.register_lane_sums [{name}]"] = packed_count(nhwc.register_lane_sums)

@@ -52,6 +52,7 @@ from .simd import (
     SPILL_ROWS,
     apply_rows,
     channel_lanes,
+    float64_run_sums,
     folded_lane_sums,
     l1_data_bytes,
     lane_fold,
@@ -136,8 +137,8 @@ def lane_count(width, fold):
 
 
 @numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
-def lane_sums(x, start, width, stream_stride, rows, lanes, clear, fold):
-    """Sum ``x - pivot`` and its square per lane into ``lanes[1]`` and ``lanes[2]``, in their type,
+def lane_sums(x, start, width, stream_stride, rows, lanes, fold):
+    """Add ``x - pivot`` and its square per lane to ``lanes[1]`` and ``lanes[2]``, in their type,
     about ``lanes[0]``, over ``rows`` rows of ``width`` values from ``x[start]``; with a positive
     ``stream_stride``, each of those rows together with the rows ``stream_stride``, 2 and 3 times
     ``stream_stride`` further (a *sweep*).
@@ -147,14 +148,10 @@ def lane_sums(x, start, width, stream_stride, rows, lanes, clear, fold):
     not), and they share each load and store of the lane sums. Consecutive rows (no
     ``stream_stride``) of whole vectors short enough go through ``simd.lane_sums_in_registers``.
     A positive ``fold`` adds that many vectors of a group into each vector of lanes
-    (``simd.folded_lane_sums``; ``width / fold`` lanes). ``clear`` False adds to the lane sums
-    instead of starting them from zero.
+    (``simd.folded_lane_sums``; ``width / fold`` lanes).
     """
     lanes_used = lane_count(width, fold)
     pivot, s1, s2 = lanes[0, :lanes_used], lanes[1, :lanes_used], lanes[2, :lanes_used]
-    if clear:
-        s1[:] = 0.0
-        s2[:] = 0.0
     if fold > 0:
         register_folded_sums(x, start, stream_stride, rows, width, fold, lanes)
     elif stream_stride == 0 and registers_hold_rows(x, lanes, width):
@@ -257,10 +254,18 @@ def block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows
     channels = channel_sums.shape[1]
     lane_channels = lane_count(channels, fold)
     for attempt in range(2):
-        lane_sums(x, start, width, stream_stride, rows, lanes, True, fold)
+        # Cleared here, not by a flag of lane_sums, and np.intp(0), not 0: Numba compiles a
+        # function once more for each literal it is called with (a literal True, False or 0).
+        lanes[1:3, : lane_count(width, fold)] = 0.0
+        lane_sums(x, start, width, stream_stride, rows, lanes, fold)
         if tail_rows > 0:
-            lane_sums(x, tail_start, channels, 0, tail_rows, lanes, False, fold)
-        group_sums(lanes, lane_count(width, fold), channel_sums[:, :lane_channels], sums)
+            lane_sums(x, tail_start, channels, np.intp(0), tail_rows, lanes, fold)
+        if fold > 0:  # each group's lanes a run of whole vectors
+            lanes_per_group = lanes.shape[1] // sums.shape[0]
+            float64_run_sums(lanes[1], 0, lanes_per_group, sums.shape[0], sums, 0)
+            float64_run_sums(lanes[2], 0, lanes_per_group, sums.shape[0], sums, 1)
+        else:
+            group_sums(lanes, width, channel_sums, sums)
         if attempt == 1 or not repivot(group_pivot, sums, count):
             break
         expand_pivots(group_pivot, lane_channels, lanes)
@@ -380,11 +385,15 @@ def sample_moments(x, sample_start, first_position, stop_position, channels, num
     # single value as pivot would, with 32 groups, leave some group's pivot more than two standard
     # deviations out, and the whole block to be summed again, three times in four.
     rows_start = sample_start + first_position * channels
+    # float64: float32 values near 3e38 would add up to inf, and the group to NaN
+    if channels_per_group % vector == 0:
+        float64_run_sums(x, rows_start, channels_per_group, num_groups, sums, 2)
+    else:
+        for g in range(num_groups):
+            first = rows_start + g * channels_per_group
+            sums[g, 2] = group_total(x[first : first + channels_per_group])
     for g in range(num_groups):
-        first = rows_start + g * channels_per_group
-        # float64: float32 values near 3e38 would add up to inf, and the group to NaN
-        total = group_total(x[first : first + channels_per_group])
-        group_pivot[g] = cast_like(total / channels_per_group, group_pivot)
+        group_pivot[g] = cast_like(sums[g, 2] / channels_per_group, group_pivot)
     expand_pivots(group_pivot, lane_count(channels, fold), lanes)
 
     # Blocks of rows: sweeps over the four quarters of the rows (in registers: one stream of all
@@ -696,7 +705,10 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
     for n in range(first_sample, stop_sample):
         sample_start = n * sample_length
         stats[:] = 0.0
-        sample_moments(x, sample_start, 0, spatial, channels, num_groups, stats, lane_space, wide)
+        # np.intp(0), not a literal 0: the split kernels' part_moments and apply_part then share
+        # these specializations (see block_group_sums).
+        sample_moments(x, sample_start, np.intp(0), spatial, channels, num_groups, stats,
+                       lane_space, wide)  # fmt: skip
         for g in range(num_groups):
             ref = np.float64(x[sample_start + g * channels_per_group])
             mean_hi, mean_lo, _, rstd = finalize_group(
@@ -705,7 +717,8 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
             first_channel = g * channels_per_group
             fold_group(coefficients, first_channel, first_channel, channels_per_group, mean_hi,
                        mean_lo, rstd, weight, bias)  # fmt: skip
-        apply_positions(x, out, sample_start, 0, spatial, channels, coefficients, lane_space)
+        apply_positions(x, out, sample_start, np.intp(0), spatial, channels, coefficients,
+                        lane_space)  # fmt: skip
 
 
 def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,

@@ -303,24 +303,7 @@ def _sum_rows_in_registers(typingctx, x, start, rows, row_vectors, lanes):
             return builder.bitcast(builder.gep(lane_array.data, [index]), vector_pointer)
 
         def counted_loop(name, stop, carried, body):
-            """A loop of ``stop`` iterations carrying the vectors ``carried``; ``body(counter,
-            values)`` returns their next values. Returns their values after the loop."""
-            entry = builder.block
-            exit_block = function.append_basic_block(f"{name}.exit")
-            counter, body_block = _loop_from_zero(builder, name, stop, exit_block, intp)
-            builder.position_at_start(counter.parent)
-            phis = [builder.phi(vector_type) for _ in carried]
-            for phi, value in zip(phis, carried, strict=True):
-                phi.add_incoming(value, entry)
-            builder.position_at_end(body_block)
-            following = body(counter, phis)
-            latch = builder.block
-            counter.add_incoming(builder.add(counter, ir.Constant(intp, 1)), latch)
-            for phi, value in zip(phis, following, strict=True):
-                phi.add_incoming(value, latch)
-            builder.branch(counter.parent)
-            builder.position_at_end(exit_block)
-            return phis
+            return _counted_loop(builder, name, stop, carried, body, intp)
 
         def sum_rows(count):
             """The rows of ``count`` vectors: the sums, spilled every ``SPILL_ROWS`` rows."""
@@ -450,10 +433,11 @@ def _registers_hold_rows(x, lanes, width):
     )
 
 
-#: Vectors of a group, at most, that ``folded_lane_sums`` adds into one vector of lane sums per
-#: row: with four rows a sweep, each lane then adds sums of at most 32 values, as
-#: ``lane_sums_in_registers`` does (``SPILL_ROWS``).
-MAX_FOLD = 8
+#: The vectors of a group that ``folded_lane_sums`` adds into one vector of lane sums per row:
+#: 1, 2 or 4 (with four rows a sweep, each lane then adds sums of at most 16 values). Each count
+#: is a loop of its own, unrolled, and Numba optimizes that code again in every function it is
+#: linked into: with counts up to 8, a first channels-last call compiled 7 s longer.
+FOLDS = (1, 2, 4)
 
 
 @intrinsic
@@ -534,7 +518,7 @@ def _sum_folded_rows(typingctx, x, start, stream_stride, rows, width, fold, lane
 
         swept = builder.icmp_signed(">", stride, ir.Constant(intp, 0))
         switch = builder.switch(num_folded, done)
-        for count in range(1, MAX_FOLD + 1):
+        for count in FOLDS:
             case = function.append_basic_block(f"folded.{count}")
             switch.add_case(ir.Constant(intp, count), case)
             builder.position_at_end(case)
@@ -564,8 +548,8 @@ def folded_lane_sums(x, start, stream_stride, rows, width, fold, lanes):
     a few KiB. A 401 KB float32 sample in L2, C = 2048, 32 groups, one thread: 2.3 against 4.1 us
     for the sweeps; a plain sum, 1.7-2.0.
 
-    ``lanes`` is C-contiguous, of x's dtype, ``width / fold`` lanes a row; ``fold`` (at most
-    ``MAX_FOLD``) vectors never span two groups (see ``lane_fold``).
+    ``lanes`` is C-contiguous, of x's dtype, ``width / fold`` lanes a row; ``fold`` (one of
+    ``FOLDS``) vectors never span two groups (see ``lane_fold``).
     """
 
 
@@ -579,7 +563,7 @@ def _folded_lane_sums(x, start, stream_stride, rows, width, fold, lanes):
         return refuse
 
     def sum_folded(x, start, stream_stride, rows, width, fold, lanes):
-        if not 1 <= fold <= MAX_FOLD or width % (fold * channel_lanes(x)):
+        if fold not in FOLDS or width % (fold * channel_lanes(x)):
             raise ValueError("folded_lane_sums: fold out of range")
         _sum_folded_rows(x, start, stream_stride, rows, width, fold, lanes)
 
@@ -588,8 +572,8 @@ def _folded_lane_sums(x, start, stream_stride, rows, width, fold, lanes):
 
 def lane_fold(x, lanes, channels_per_group):
     """Vectors of ``x`` that ``folded_lane_sums`` folds into one vector of lanes for groups of
-    ``channels_per_group`` channels: the largest divisor of a group's vectors up to ``MAX_FOLD``;
-    0 where a group is not whole vectors or ``lanes`` are not of x's dtype (native sums)."""
+    ``channels_per_group`` channels: the largest of ``FOLDS`` that divides a group's vectors; 0
+    where a group is not whole vectors or ``lanes`` are not of x's dtype (native sums)."""
 
 
 @overload(lane_fold, inline="always")
@@ -602,12 +586,95 @@ def _lane_fold(x, lanes, channels_per_group):
         if channels_per_group % vector:
             return 0
         group_vectors = channels_per_group // vector
-        for count in range(min(group_vectors, MAX_FOLD), 0, -1):
+        for count in FOLDS[::-1]:
             if group_vectors % count == 0:
                 return count
         return 0
 
     return fold
+
+
+@intrinsic
+def _float64_run_sums(typingctx, values, start, run, runs, totals, column):
+    if not (
+        _float_input_and_output(values, types.none)
+        and isinstance(totals, types.Array)
+        and totals.dtype == types.float64
+        and totals.ndim == 2
+        and totals.layout == "C"
+    ):
+        return None
+    signature = types.void(values, types.intp, types.intp, types.intp, totals, types.intp)
+
+    def codegen(context, builder, sig, args):
+        value_array = context.make_array(sig.args[0])(context, builder, args[0])
+        total_array = context.make_array(sig.args[4])(context, builder, args[4])
+        first, run_length, num_runs, column = args[1], args[2], args[3], args[5]
+        element = context.get_data_type(sig.args[0].dtype)
+        itemsize = context.get_abi_sizeof(element)
+        lanes = _host_row_limits()[0] // itemsize
+        vector_pointer = ir.VectorType(element, lanes).as_pointer()
+        double = ir.DoubleType()
+        wide_type = ir.VectorType(double, lanes)
+        intp = context.get_value_type(types.intp)
+        total_row = cgutils.unpack_tuple(builder, total_array.shape, 2)[1]
+        reduce = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(double, [double, wide_type]),
+            f"llvm.vector.reduce.fadd.v{lanes}f64",
+        )
+
+        def run_body(index, _):
+            run_start = builder.add(first, builder.mul(index, run_length))
+
+            def vector_body(step, carried):
+                offset = builder.add(run_start, builder.mul(step, ir.Constant(intp, lanes)))
+                source = builder.bitcast(builder.gep(value_array.data, [offset]), vector_pointer)
+                value = builder.load(source, align=itemsize)
+                if element != double:
+                    value = builder.fpext(value, wide_type)
+                return [builder.fadd(carried[0], value)]
+
+            vectors = builder.sdiv(run_length, ir.Constant(intp, lanes))
+            zero = ir.Constant(wide_type, [0.0] * lanes)
+            (accumulated,) = _counted_loop(builder, "runs.vectors", vectors, [zero], vector_body,
+                                           intp)  # fmt: skip
+            # reassoc: the lanes add up as a tree, not one after the other.
+            total = builder.call(reduce, [ir.Constant(double, 0.0), accumulated],
+                                 fastmath=("reassoc",))  # fmt: skip
+            target = builder.add(builder.mul(index, total_row), column)
+            builder.store(total, builder.gep(total_array.data, [target]))
+            return []
+
+        _counted_loop(builder, "runs", num_runs, [], run_body, intp)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def float64_run_sums(values, start, run, runs, totals, column):
+    """``totals[i, column] = sum(values[start + i * run : start + (i + 1) * run])`` for ``i <
+    runs``, in float64, in any order: vectors converted to float64 and added, then their lanes
+    as a tree. For runs of a few vectors, where a Numba loop (``nhwc.float64_sum``) runs its
+    scalar remainder, one call a run (C = 2048, 32 groups: a group's 16 folded lanes, or its 64
+    values at a position). ``run`` is whole vectors (``channel_lanes(values)``); ``totals`` is a
+    C-contiguous float64 table."""
+
+
+@overload(float64_run_sums, inline="always")
+def _float64_run_sums_checked(values, start, run, runs, totals, column):
+    def sum_runs(values, start, run, runs, totals, column):
+        if (
+            run % channel_lanes(values)
+            or start < 0
+            or runs > totals.shape[0]
+            or start + run * runs > values.size
+            or not 0 <= column < totals.shape[1]
+        ):
+            raise ValueError("float64_run_sums: runs out of bounds or not whole vectors")
+        _float64_run_sums(values, start, run, runs, totals, column)
+
+    return sum_runs
 
 
 def _loop_from_zero(builder, name, stop, exit_block, intp):
@@ -626,6 +693,27 @@ def _loop_from_zero(builder, name, stop, exit_block, intp):
     builder.cbranch(builder.icmp_signed("<", counter, stop), body, exit_block)
     builder.position_at_end(body)
     return counter, body
+
+
+def _counted_loop(builder, name, stop, carried, body, intp):
+    """A loop of ``stop`` iterations at the builder's position, carrying the values ``carried``;
+    ``body(counter, values)`` returns their next values. Returns their values after the loop."""
+    entry = builder.block
+    exit_block = builder.function.append_basic_block(f"{name}.exit")
+    counter, body_block = _loop_from_zero(builder, name, stop, exit_block, intp)
+    builder.position_at_start(counter.parent)
+    phis = [builder.phi(value.type) for value in carried]
+    for phi, value in zip(phis, carried, strict=True):
+        phi.add_incoming(value, entry)
+    builder.position_at_end(body_block)
+    following = body(counter, phis)
+    latch = builder.block
+    counter.add_incoming(builder.add(counter, ir.Constant(intp, 1)), latch)
+    for phi, value in zip(phis, following, strict=True):
+        phi.add_incoming(value, latch)
+    builder.branch(counter.parent)
+    builder.position_at_end(exit_block)
+    return phis
 
 
 def _broadcast(builder, table, row, column, vector_type, intp):
