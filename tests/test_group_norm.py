@@ -477,6 +477,11 @@ def test_outlier_first_value_in_short_paths(rng, shape, layout):
         ((2, 72, 5, 5), 8, "NHWC"),  # float32 rows of 9 (lcm(72, 16) = 144), float64 of 9
         ((2, 128, 5, 5), 8, "NHWC"),  # float32 rows of 8 (the longest), float64 of 16
         ((2, 136, 5, 5), 8, "NHWC"),  # float32 rows of 17, float64 of 17
+        # Out of place, float32 rows of 8 KiB and 6 KiB go one at a time (a 48 KiB L1); their
+        # moments fold 4, 1 and no vectors into a lane vector in float32, 4, 2 and none in float64.
+        ((2, 2048, 3, 5), 32, "NHWC"),
+        ((2, 1536, 3, 5), 32, "NHWC"),
+        ((2, 2000, 3, 5), 8, "NHWC"),
         # NCHW channels of a vector to SHORT_CHANNEL values go through simd.apply_channels, its
         # last vector overlapping the one before; shorter and longer ones through Numba's loops.
         ((1, 256, 7), 4, "NCHW"),  # shorter than a vector (float64 has 8 lanes with AVX-512)
