@@ -200,12 +200,9 @@ def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficient
         target = x_array if in_place else context.make_array(sig.args[1])(context, builder, args[1])
         table = context.make_array(sig.args[5])(context, builder, args[5])
         first, num_channels, spatial = args[2], args[3], args[4]
-        element = context.get_data_type(sig.args[0].dtype)
-        itemsize = context.get_abi_sizeof(element)
-        lanes = _host_row_limits()[0] // itemsize
-        vector_type = ir.VectorType(element, lanes)
-        vector_pointer = vector_type.as_pointer()
-        intp = context.get_value_type(types.intp)
+        _, itemsize, lanes, vector_type, vector_pointer, intp = _host_vectors(
+            context, sig.args[0].dtype
+        )
         function = builder.function
         entry = builder.block
         channel_header = function.append_basic_block("channels.header")
@@ -450,12 +447,7 @@ def _sum_folded_rows(typingctx, x, start, stream_stride, rows, width, fold, lane
         x_array = context.make_array(sig.args[0])(context, builder, args[0])
         lane_array = context.make_array(sig.args[6])(context, builder, args[6])
         first, stride, num_rows, row_width, num_folded = args[1:6]
-        element = context.get_data_type(sig.args[0].dtype)
-        itemsize = context.get_abi_sizeof(element)
-        lanes = _host_row_limits()[0] // itemsize
-        vector_type = ir.VectorType(element, lanes)
-        vector_pointer = vector_type.as_pointer()
-        intp = context.get_value_type(types.intp)
+        _, itemsize, lanes, _, vector_pointer, intp = _host_vectors(context, sig.args[0].dtype)
         lane_row = cgutils.unpack_tuple(builder, lane_array.shape, 2)[1]
         function = builder.function
         done = function.append_basic_block("folded.done")
@@ -610,13 +602,11 @@ def _float64_run_sums(typingctx, values, start, run, runs, totals, column):
         value_array = context.make_array(sig.args[0])(context, builder, args[0])
         total_array = context.make_array(sig.args[4])(context, builder, args[4])
         first, run_length, num_runs, column = args[1], args[2], args[3], args[5]
-        element = context.get_data_type(sig.args[0].dtype)
-        itemsize = context.get_abi_sizeof(element)
-        lanes = _host_row_limits()[0] // itemsize
-        vector_pointer = ir.VectorType(element, lanes).as_pointer()
+        element, itemsize, lanes, _, vector_pointer, intp = _host_vectors(
+            context, sig.args[0].dtype
+        )
         double = ir.DoubleType()
         wide_type = ir.VectorType(double, lanes)
-        intp = context.get_value_type(types.intp)
         total_row = cgutils.unpack_tuple(builder, total_array.shape, 2)[1]
         reduce = cgutils.get_or_insert_function(
             builder.module,
@@ -693,6 +683,23 @@ def _loop_from_zero(builder, name, stop, exit_block, intp):
     builder.cbranch(builder.icmp_signed("<", counter, stop), body, exit_block)
     builder.position_at_end(body)
     return counter, body
+
+
+def _host_vectors(context, dtype):
+    """``(element, itemsize, lanes, vector_type, vector_pointer, intp)`` for the host's widest
+    vectors of the Numba ``dtype`` (see ``row_limits``), as the intrinsics' code uses them."""
+    element = context.get_data_type(dtype)
+    itemsize = context.get_abi_sizeof(element)
+    lanes = _host_row_limits()[0] // itemsize
+    vector_type = ir.VectorType(element, lanes)
+    return (
+        element,
+        itemsize,
+        lanes,
+        vector_type,
+        vector_type.as_pointer(),
+        context.get_value_type(types.intp),
+    )
 
 
 def _counted_loop(builder, name, stop, carried, body, intp):
