@@ -7,23 +7,29 @@ import sys
 
 import pytest
 
+#: NCHW calls and an NHWC call, then each kernel's cache hits and misses. The NHWC input is
+#: ``y`` (samples of 32K values: the lanes, ``group_norm_fused``) or, in the concurrent test,
+#: its first 4 x 4 positions (128 values, 512 in all: ``group_norm_small_serial``, whose compile
+#: takes 2 s, not 18).
 CALLS = (
     "import json, numpy as np, nbgn\n"
     "from nbgn.kernels import nchw, nhwc\n"
     "x = np.random.default_rng(0).standard_normal((4, 8, 64, 64)).astype(np.float32)\n"
     "y = nbgn.group_norm(x, 4); nbgn.group_norm(x, 4, out=x)\n"
-    "z = nbgn.group_norm(np.moveaxis(y, 1, -1).copy(), 4, layout='NHWC')\n"
+    "z = nbgn.group_norm(np.moveaxis(y{positions}, 1, -1).copy(), 4, layout='NHWC')\n"
     "g = y.astype(np.float64).reshape(4, 4, -1)\n"
     "assert abs(g.mean(-1)).max() < 1e-6 and abs(g.var(-1) - 1).max() < 1e-3\n"
-    "stats = [nchw.group_norm_fused.stats, nhwc.group_norm_fused.stats]\n"
+    "stats = [nchw.group_norm_fused.stats, nhwc.{nhwc_kernel}.stats]\n"
     "print(json.dumps([[sum(s.cache_hits.values()), sum(s.cache_misses.values())] for s in stats]))\n"
 )
+LANES = CALLS.format(positions="", nhwc_kernel="group_norm_fused")
+SMALL_SAMPLES = CALLS.format(positions="[:, :, :4, :4]", nhwc_kernel="group_norm_small_serial")
 
 
-def _start(cache_dir):
+def _start(cache_dir, calls=LANES):
     env = {**os.environ, "NUMBA_CACHE_DIR": str(cache_dir)}
     return subprocess.Popen(
-        [sys.executable, "-c", CALLS],
+        [sys.executable, "-c", calls],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -49,11 +55,12 @@ def test_second_process_loads_from_cache(tmp_path):
 
 @pytest.mark.slow
 def test_concurrent_processes_share_a_cold_cache(tmp_path):
-    cold = [_start(tmp_path) for _ in range(4)]  # all compile and write the same files at once
+    # All compile and write the same files at once.
+    cold = [_start(tmp_path, SMALL_SAMPLES) for _ in range(4)]
     for process in cold:
         _finish(process)
     # The cache they left is whole: every kernel loads, nothing compiles.
-    warm = [_start(tmp_path) for _ in range(4)]
+    warm = [_start(tmp_path, SMALL_SAMPLES) for _ in range(4)]
     for process in warm:
         assert all(hits > 0 and misses == 0 for hits, misses in _finish(process))
 

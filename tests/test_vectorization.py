@@ -30,7 +30,7 @@ FLOORS = {
     "moments.shifted_sums": 10,
     "nhwc.lane_sums": 8,
     "nhwc.register_lane_sums": 40,
-    "nhwc.register_folded_sums": 400,
+    "nhwc.register_folded_sums": 120,
     "nhwc.apply_positions": 10,
     "nhwc.normalize_small_samples": 25,
 }
