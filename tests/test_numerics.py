@@ -230,8 +230,9 @@ FOLDED_CASES = [(512, 32, (19, 23)), (256, 8, (19, 23)), (768, 4, (19, 23)), (51
 def test_nhwc_folded_lanes_on_hostile_data(case, dtype):
     """NHWC groups of whole vectors, their vectors folded into a few lanes
     (``simd.folded_lane_sums``), on data far from zero that jumps by 1e6 standard deviations
-    halfway through the positions: a later block must move its pivot. One sample (split across
-    threads) and two (whole samples)."""
+    halfway along H: each sweep takes rows from four quarters of the positions, so every block
+    holds both levels, and its float32 sums must keep the spread's digits. One sample (split
+    across threads) and two (whole samples)."""
     from nbgn.kernels import nhwc, simd
 
     channels, groups, spatial = case
@@ -268,3 +269,34 @@ def test_nhwc_folded_first_pivots_near_the_float32_limit():
     expected_mean, expected_var = reference_moments(x, 8, "NHWC")
     np.testing.assert_allclose(mean, expected_mean, rtol=1e-12)
     np.testing.assert_allclose(var, expected_var, rtol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(("channels", "groups"), [(256, 8), (768, 4), (2048, 32)])
+def test_nhwc_folded_lanes_move_and_redo_pivots(channels, groups, dtype):
+    """Folded lanes whose pivots change between blocks. Groups of different means with the first
+    position 1000 standard deviations out: every group's first pivot (its mean there) is far from
+    its data, so the first block moves the pivots and spreads them over the folded lanes again.
+    In float32, a value of 1e20 in the first block instead: that block is redone in float64, and
+    the later ones sum in float32 about the pivots it leaves. One sample and two."""
+    mean, std, tolerance = (3e4, 1e-1, 2e-5) if dtype == np.float32 else (1e8, 1.0, 1e-9)
+    rng = np.random.default_rng(14)
+    group_means = mean + 50.0 * np.arange(groups)
+    for samples in (1, 2):
+        x = rng.standard_normal((samples, channels, 19, 23)) * std
+        x += np.repeat(group_means, channels // groups)[None, :, None, None]
+        far_first = x.copy()
+        far_first[:, :, 0, 0] += 1000 * std
+        _assert_close_to_reference(_in_layout(far_first.astype(dtype), "NHWC"), groups, "NHWC",
+                                   tolerance)  # fmt: skip
+        if dtype == np.float64:
+            got_mean, got_var = nbgn.group_moments(_in_layout(far_first, "NHWC"), groups,
+                                                   layout="NHWC")  # fmt: skip
+            ref_mean, ref_var = reference_moments(_in_layout(far_first, "NHWC"), groups, "NHWC")
+            np.testing.assert_allclose(got_var, ref_var, rtol=1e-9)
+            assert np.all(np.abs(got_mean - ref_mean) <= 1e-9 * np.sqrt(ref_var))
+        else:
+            overflowing = x.copy()
+            overflowing[:, 0, 0, 5] = 1e20
+            _assert_close_to_reference(_in_layout(overflowing.astype(dtype), "NHWC"), groups,
+                                       "NHWC", tolerance)  # fmt: skip

@@ -228,3 +228,26 @@ def test_float64_run_sums(dtype):
         with pytest.raises(ValueError, match="float64_run_sums"):
             run(values, *bad[:3], totals, bad[3])
     assert np.all(totals == -1.0)
+
+
+def test_folded_lane_sums_refuse_out_of_bounds_rows_and_lanes():
+    """Rows past x's end (with and without streams), or a lane table too narrow or short,
+    raise before any write."""
+    vector = simd._host_row_limits()[0] // 4
+    run = numba.njit(lambda x, start, stride, rows, width, fold, lanes: simd.folded_lane_sums(
+        x, start, stride, rows, width, fold, lanes))  # fmt: skip
+    x = np.ones(8 * vector, np.float32)
+    lanes = np.zeros((3, 2 * vector), np.float32)
+    for start, stride, rows, width, fold, table in (
+        (1, 0, 4, 2 * vector, 1, lanes),  # one value past the end
+        (0, 2 * vector, 2, 2 * vector, 1, lanes),  # the fourth stream past the end
+        (-1, 0, 1, 2 * vector, 1, lanes),
+        (0, 0, 1, 4 * vector, 1, lanes),  # rows wider than the lanes
+        (0, 0, 1, 2 * vector, 1, lanes[:2].copy()),
+        (0, 0, 1, 2 * vector, 3, lanes),  # not a fold
+    ):
+        with pytest.raises(ValueError, match="folded_lane_sums"):
+            run(x, start, stride, rows, width, fold, table)
+    assert np.all(lanes == 0.0)
+    run(x, 0, 2 * vector, 1, 2 * vector, 1, lanes)  # the largest that fits: four rows
+    np.testing.assert_array_equal(lanes[1], 4.0)

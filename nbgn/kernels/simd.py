@@ -555,8 +555,18 @@ def _folded_lane_sums(x, start, stream_stride, rows, width, fold, lanes):
         return refuse
 
     def sum_folded(x, start, stream_stride, rows, width, fold, lanes):
-        if fold not in FOLDS or width % (fold * channel_lanes(x)):
-            raise ValueError("folded_lane_sums: fold out of range")
+        streams = 4 if stream_stride > 0 else 1
+        last = start + (streams - 1) * stream_stride + rows * width  # one past the last value
+        if (
+            fold not in FOLDS
+            or width % (fold * channel_lanes(x))
+            or start < 0
+            or rows < 0
+            or (rows > 0 and last > x.size)
+            or lanes.shape[0] < 3
+            or lanes.shape[1] * fold < width
+        ):
+            raise ValueError("folded_lane_sums: fold, rows or lanes out of range")
         _sum_folded_rows(x, start, stream_stride, rows, width, fold, lanes)
 
     return sum_folded
