@@ -19,6 +19,9 @@ import pytest
 
 from nbgn._info import info
 
+# One worker runs the whole module, so that its probe (a minute of compiling) runs once.
+pytestmark = pytest.mark.xdist_group("vectorization_probe")
+
 #: Packed instructions each kernel has at least, whatever the dtype and variant (LLVM 22 emits
 #: roughly twice these).
 FLOORS = {
