@@ -353,6 +353,38 @@ def test_any_buffer_alignment(rng, monkeypatch, dtype, channels, plan):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("channels", "groups"), [(512, 8), (1024, 64), (2048, 32)])
+@pytest.mark.parametrize("plan", [None, _schedule.Plan(True, 2, 1), _schedule.Plan(True, 2, 2, True)],
+                         ids=["own", "split", "cooperative"])  # fmt: skip
+def test_group_rows_at_any_buffer_alignment(rng, monkeypatch, dtype, channels, groups, plan):
+    """NHWC rows of one position whose groups are whole vectors (simd.apply_group_rows): at every
+    start in a 64-byte line, the last vector of each group in a row holds the next group's first
+    channels, which take that group's center. Groups of 1 to 8 vectors; far from zero, so that a
+    wrong center shows."""
+    if plan is not None:
+        monkeypatch.setattr(_schedule, "SERIAL_ELEMENTS", 0)
+        monkeypatch.setattr(_schedule, "plan", lambda units, elements, cooperative_bytes=0: plan)
+    shape = (2, 3, 7, channels)
+    size = int(np.prod(shape))
+    weight, bias = _affine(rng, channels, True)
+    centers = np.repeat(rng.uniform(-50.0, 50.0, groups), channels // groups)
+    for skip in range(0, 64 // np.dtype(dtype).itemsize, 3):
+        buffer = rng.standard_normal(size + 16).astype(dtype)
+        x = buffer[skip : skip + size].reshape(shape)
+        x += centers.astype(dtype)
+        around = np.concatenate([buffer[:skip], buffer[skip + size :]])
+        expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NHWC")
+        out = np.empty_like(x)
+        nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=out)
+        np.testing.assert_allclose(out, expected, atol=tolerance(dtype), err_msg=f"skip {skip}")
+        nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=x)
+        np.testing.assert_allclose(x, expected, atol=tolerance(dtype), err_msg=f"skip {skip}")
+        np.testing.assert_array_equal(
+            np.concatenate([buffer[:skip], buffer[skip + size :]]), around
+        )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_many_small_channels_last_samples(rng, dtype):
     """Many small NHWC samples (nhwc.normalize_small_samples, serial then parallel runs of
     samples), far from zero: a NaN in one sample stays in that sample's group."""

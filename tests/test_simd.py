@@ -251,3 +251,74 @@ def test_folded_lane_sums_refuse_out_of_bounds_rows_and_lanes():
     assert np.all(lanes == 0.0)
     run(x, 0, 2 * vector, 1, 2 * vector, 1, lanes)  # the largest that fits: four rows
     np.testing.assert_array_equal(lanes[1], 4.0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_apply_group_rows_match_numpy(dtype, in_place):
+    """Each run of a row takes its own center, but the last ``lanes - own_lanes`` lanes of its
+    last vector the next run's (the first run's after the last); scale and shift per lane. Every
+    vector count, several runs and rows, a start past zero; nothing outside the rows is written."""
+    lanes = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
+    run = numba.njit(lambda x, out, start, rows, vectors, groups, own, centers, scale, shift:
+                     simd.apply_group_rows(x, out, start, rows, vectors, groups, own, centers,
+                                           scale, shift))  # fmt: skip
+    rng = np.random.default_rng(7)
+    for vectors in range(1, simd.MAX_GROUP_VECTORS + 1):
+        for groups, own in ((1, lanes), (3, lanes), (3, 1), (5, lanes - 3)):
+            rows, start = 3, 2 * lanes
+            row_length = groups * vectors * lanes
+            x = rng.standard_normal(start + rows * row_length + lanes).astype(dtype)
+            centers = rng.standard_normal(groups).astype(dtype)
+            scale = rng.standard_normal(row_length).astype(dtype)
+            shift = rng.standard_normal(row_length).astype(dtype)
+            lane_center = np.repeat(centers, vectors * lanes)
+            for k in range(groups):  # the last vector's lanes past ``own``: the next run's
+                last = (k + 1) * vectors * lanes - lanes
+                lane_center[last + own : last + lanes] = centers[(k + 1) % groups]
+            rows_of_x = x[start : start + rows * row_length].astype(np.float64).reshape(rows, -1)
+            expected = (rows_of_x - lane_center) * scale + shift
+            source = x.copy()
+            out = None if in_place else np.full_like(x, np.nan)
+            run(source, out, start, rows, vectors, groups, own, centers, scale, shift)
+            result = source if in_place else out
+            if dtype == np.float32:  # float64 lane tables (float64 sums): converted exactly
+                again = x.copy()
+                wide = [table.astype(np.float64) for table in (centers, scale, shift)]
+                run(again, None, start, rows, vectors, groups, own, *wide)
+                span = slice(start, start + rows * row_length)
+                np.testing.assert_array_equal(again[span], result[span])
+            got = result[start : start + rows * row_length].reshape(rows, -1)
+            np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-13,
+                                       atol=1e-5 if dtype == np.float32 else 1e-13)  # fmt: skip
+            outside = np.r_[0:start, start + rows * row_length : x.size]
+            if in_place:
+                np.testing.assert_array_equal(result[outside], x[outside])
+            else:
+                assert np.isnan(result[outside]).all()
+
+
+def test_apply_group_rows_refuse_bad_layouts_before_writing():
+    vector = simd._host_row_limits()[0] // 4
+    run = numba.njit(lambda x, out, start, rows, vectors, groups, own, centers, scale, shift:
+                     simd.apply_group_rows(x, out, start, rows, vectors, groups, own, centers,
+                                           scale, shift))  # fmt: skip
+    x = np.ones(8 * vector, np.float32)
+    out = np.zeros_like(x)
+    centers = np.zeros(2, np.float32)
+    lane_table = np.ones(4 * vector, np.float32)
+    for start, rows, vectors, groups, own, table, target in (
+        (1, 2, 2, 2, vector, lane_table, out),  # one value past the end
+        (-1, 1, 2, 2, vector, lane_table, out),
+        (0, 1, simd.MAX_GROUP_VECTORS + 1, 1, vector, lane_table, out),
+        (0, 1, 2, 2, 0, lane_table, out),  # no lane of its own
+        (0, 1, 2, 2, vector + 1, lane_table, out),
+        (0, 1, 2, 3, vector, lane_table, out),  # more groups than centers
+        (0, 1, 4, 2, vector, lane_table, out),  # rows longer than the lane tables
+        (0, 1, 2, 2, vector, lane_table, out[:-1]),  # out smaller than x
+    ):
+        with pytest.raises(ValueError, match="apply_group_rows"):
+            run(x, target, start, rows, vectors, groups, own, centers, table, table)
+    assert np.all(out == 0.0)
+    run(x, out, 0, 2, 2, 2, vector, centers, lane_table, lane_table)  # the largest that fits
+    np.testing.assert_array_equal(out, 2.0)

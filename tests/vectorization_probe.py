@@ -74,7 +74,7 @@ def main():
         lane_space = moments.aligned_full(3 * 256, zero)
         small = rng.standard_normal(4 * 16 * 8).astype(dtype)
         for variant, out in (("in place", None), ("out", np.empty_like(x))):
-            nhwc.apply_positions(x.copy(), out, 0, 0, 128, 16, coefficients, lane_space)
+            nhwc.apply_positions(x.copy(), out, 0, 0, 128, 16, 4, coefficients, lane_space)
             counts[f"nhwc.apply_positions [{name}, {variant}]"] = packed_count(nhwc.apply_positions)
             small_out = None if out is None else np.empty_like(small)
             nhwc.normalize_small_samples(small.copy(), small_out, 0, 4, 16, 8, 2, weight, bias,
