@@ -323,24 +323,26 @@ def test_seed_walkthrough_statistics():
     assert buggy.std() > 3.4
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("channels", [5, 16, 48])
-@pytest.mark.parametrize("plan", [None, _schedule.Plan(True, 3, 1), _schedule.Plan(True, 3, 3, True)],
-                         ids=["own", "split", "cooperative"])  # fmt: skip
-def test_any_buffer_alignment(rng, monkeypatch, dtype, channels, plan):
-    """Arrays starting anywhere in a 64-byte line: the NHWC normalization starts its rows where
-    the buffer is aligned, and the first values (the skew) take rotated lane coefficients."""
-    if plan is not None:  # these arrays are small: without the threshold they would run serially
+def _force_plan(monkeypatch, plan):
+    """Run small arrays with ``plan`` (None: their own, serial); without the lowered threshold
+    they would run serially."""
+    if plan is not None:
         monkeypatch.setattr(_schedule, "SERIAL_ELEMENTS", 0)
         monkeypatch.setattr(_schedule, "plan", lambda units, elements, cooperative_bytes=0: plan)
-    shape = (2, 37, 9, channels)  # NHWC: 333 positions, not a multiple of the lane rows
+
+
+def _assert_normalizes_at_offsets(rng, shape, groups, dtype, skips, offset=0.0):
+    """NHWC ``x`` of ``shape`` (plus ``offset``, per channel) starting ``skip`` values into a
+    buffer, for each of ``skips``: out of place and in place match the reference, and the
+    buffer around ``x`` is untouched."""
+    channels = shape[-1]
     size = int(np.prod(shape))
     weight, bias = _affine(rng, channels, True)
-    for skip in range(64 // np.dtype(dtype).itemsize):
+    for skip in skips:
         buffer = rng.standard_normal(size + 16).astype(dtype)
-        around = np.concatenate([buffer[:skip], buffer[skip + size :]])
         x = buffer[skip : skip + size].reshape(shape)
-        groups = 1 if channels == 5 else 4
+        x += np.asarray(offset).astype(dtype)
+        around = np.concatenate([buffer[:skip], buffer[skip + size :]])
         expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NHWC")
         out = np.empty_like(x)
         nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=out)
@@ -350,38 +352,39 @@ def test_any_buffer_alignment(rng, monkeypatch, dtype, channels, plan):
         np.testing.assert_array_equal(
             np.concatenate([buffer[:skip], buffer[skip + size :]]), around
         )
+
+
+PLANS = pytest.mark.parametrize(
+    "plan",
+    [None, _schedule.Plan(True, 3, 1), _schedule.Plan(True, 3, 3, True)],
+    ids=["own", "split", "cooperative"],
+)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [5, 16, 48])
+@PLANS
+def test_any_buffer_alignment(rng, monkeypatch, dtype, channels, plan):
+    """Arrays starting anywhere in a 64-byte line: the NHWC normalization starts its rows where
+    the buffer is aligned, and the first values (the skew) take rotated lane coefficients."""
+    _force_plan(monkeypatch, plan)
+    shape = (2, 37, 9, channels)  # NHWC: 333 positions, not a multiple of the lane rows
+    groups = 1 if channels == 5 else 4
+    _assert_normalizes_at_offsets(rng, shape, groups, dtype, range(64 // np.dtype(dtype).itemsize))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("channels", "groups"), [(512, 8), (1024, 64), (2048, 32)])
-@pytest.mark.parametrize("plan", [None, _schedule.Plan(True, 2, 1), _schedule.Plan(True, 2, 2, True)],
-                         ids=["own", "split", "cooperative"])  # fmt: skip
+@PLANS
 def test_group_rows_at_any_buffer_alignment(rng, monkeypatch, dtype, channels, groups, plan):
-    """NHWC rows of one position whose groups are whole vectors (simd.apply_group_rows): at every
-    start in a 64-byte line, the last vector of each group in a row holds the next group's first
-    channels, which take that group's center. Groups of 1 to 8 vectors; far from zero, so that a
-    wrong center shows."""
-    if plan is not None:
-        monkeypatch.setattr(_schedule, "SERIAL_ELEMENTS", 0)
-        monkeypatch.setattr(_schedule, "plan", lambda units, elements, cooperative_bytes=0: plan)
-    shape = (2, 3, 7, channels)
-    size = int(np.prod(shape))
-    weight, bias = _affine(rng, channels, True)
+    """NHWC rows of one position whose groups are whole vectors (simd.apply_group_rows): at
+    starts across a 64-byte line, the last vector of each group in a row holds the next group's
+    first channels, which take that group's center. Groups of 1 to 8 vectors; far from zero, so
+    that a wrong center shows."""
+    _force_plan(monkeypatch, plan)
     centers = np.repeat(rng.uniform(-50.0, 50.0, groups), channels // groups)
-    for skip in range(0, 64 // np.dtype(dtype).itemsize, 3):
-        buffer = rng.standard_normal(size + 16).astype(dtype)
-        x = buffer[skip : skip + size].reshape(shape)
-        x += centers.astype(dtype)
-        around = np.concatenate([buffer[:skip], buffer[skip + size :]])
-        expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NHWC")
-        out = np.empty_like(x)
-        nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=out)
-        np.testing.assert_allclose(out, expected, atol=tolerance(dtype), err_msg=f"skip {skip}")
-        nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=x)
-        np.testing.assert_allclose(x, expected, atol=tolerance(dtype), err_msg=f"skip {skip}")
-        np.testing.assert_array_equal(
-            np.concatenate([buffer[:skip], buffer[skip + size :]]), around
-        )
+    skips = range(0, 64 // np.dtype(dtype).itemsize, 3)
+    _assert_normalizes_at_offsets(rng, (2, 3, 7, channels), groups, dtype, skips, centers)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
