@@ -264,7 +264,7 @@ MAX_GROUP_VECTORS = 8
 
 
 @intrinsic
-def _apply_group_rows(typingctx, x, out, start, rows, group_vectors, groups, boundary, centers,
+def _apply_group_rows(typingctx, x, out, start, rows, group_vectors, groups, own_lanes, centers,
                       scale, shift):  # fmt: skip
     if not _float_input_and_output(x, out):
         return None
