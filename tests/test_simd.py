@@ -253,6 +253,14 @@ def test_folded_lane_sums_refuse_out_of_bounds_rows_and_lanes():
     np.testing.assert_array_equal(lanes[1], 4.0)
 
 
+# simd.apply_group_rows is inlined into its callers: a jitted caller for the tests.
+_apply_group_rows = numba.njit(
+    lambda x, out, start, rows, vectors, groups, own, centers, scale, shift: simd.apply_group_rows(
+        x, out, start, rows, vectors, groups, own, centers, scale, shift
+    )
+)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_apply_group_rows_match_numpy(dtype, in_place):
@@ -260,9 +268,7 @@ def test_apply_group_rows_match_numpy(dtype, in_place):
     last vector the next run's (the first run's after the last); scale and shift per lane. Every
     vector count, several runs and rows, a start past zero; nothing outside the rows is written."""
     lanes = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
-    run = numba.njit(lambda x, out, start, rows, vectors, groups, own, centers, scale, shift:
-                     simd.apply_group_rows(x, out, start, rows, vectors, groups, own, centers,
-                                           scale, shift))  # fmt: skip
+    run = _apply_group_rows
     rng = np.random.default_rng(7)
     for vectors in range(1, simd.MAX_GROUP_VECTORS + 1):
         for groups, own in ((1, lanes), (3, lanes), (3, 1), (5, lanes - 3)):
@@ -300,9 +306,7 @@ def test_apply_group_rows_match_numpy(dtype, in_place):
 
 def test_apply_group_rows_refuse_bad_layouts_before_writing():
     vector = simd._host_row_limits()[0] // 4
-    run = numba.njit(lambda x, out, start, rows, vectors, groups, own, centers, scale, shift:
-                     simd.apply_group_rows(x, out, start, rows, vectors, groups, own, centers,
-                                           scale, shift))  # fmt: skip
+    run = _apply_group_rows
     x = np.ones(8 * vector, np.float32)
     out = np.zeros_like(x)
     centers = np.zeros(2, np.float32)

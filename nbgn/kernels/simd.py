@@ -215,7 +215,7 @@ def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficient
         last_offset = builder.sub(spatial, lane_count)
 
         def at(array, index):
-            return builder.bitcast(builder.gep(array.data, [index]), vector_pointer)
+            return _vector_at(builder, array, index, vector_pointer)
 
         def normalized(value, center, scale, shift):
             centered = builder.fsub(value, center)
@@ -284,7 +284,7 @@ def _apply_group_rows(typingctx, x, out, start, rows, group_vectors, groups, own
         center_array, scale_array, shift_array = (
             context.make_array(sig.args[k])(context, builder, args[k]) for k in (7, 8, 9)
         )
-        element, itemsize, lanes, vector_type, vector_pointer, intp = _host_vectors(
+        _, itemsize, lanes, vector_type, vector_pointer, intp = _host_vectors(
             context, sig.args[0].dtype
         )
         # The lane arrays may hold float64 (sums of float32 input in float64; values already
@@ -302,21 +302,11 @@ def _apply_group_rows(typingctx, x, out, start, rows, group_vectors, groups, own
 
         def center_of(group):
             scalar = builder.load(builder.gep(center_array.data, [group]))
-            if center_type != element:
-                convert = (
-                    builder.fptrunc if isinstance(center_type, ir.DoubleType) else builder.fpext
-                )
-                scalar = convert(scalar, element)
-            return _splat(builder, scalar, vector_type, int32)
+            splat = _splat(builder, scalar, ir.VectorType(center_type, lanes), int32)
+            return _converted(builder, splat, center_type, vector_type)
 
         def at(array, index):
-            return builder.bitcast(builder.gep(array.data, [index]), vector_pointer)
-
-        def lane_vector(array, lane_type, lane):
-            pointer = builder.gep(array.data, [lane])
-            loaded_type = ir.VectorType(lane_type, lanes)
-            value = builder.load(builder.bitcast(pointer, loaded_type.as_pointer()), align=itemsize)
-            return _converted(builder, value, lane_type, vector_type)
+            return _vector_at(builder, array, index, vector_pointer)
 
         function = builder.function
         done = function.append_basic_block("group_rows.done")
@@ -346,8 +336,10 @@ def _apply_group_rows(typingctx, x, out, start, rows, group_vectors, groups, own
                         index = builder.add(row_start, lane)
                         value = builder.load(at(x_array, index), align=itemsize)
                         centered = builder.fsub(value, center if v < count - 1 else last_center)
-                        factor = lane_vector(scale_array, scale_type, lane)
-                        offset = lane_vector(shift_array, shift_type, lane)
+                        factor = _load_as(builder, scale_array, lane, lanes, scale_type,
+                                          vector_type, intp)  # fmt: skip
+                        offset = _load_as(builder, shift_array, lane, lanes, shift_type,
+                                          vector_type, intp)  # fmt: skip
                         scaled = builder.fmul(centered, factor, flags=("contract",))
                         result = builder.fadd(scaled, offset, flags=("contract",))
                         builder.store(result, at(target, index), align=itemsize)
@@ -859,9 +851,17 @@ def _broadcast(builder, table, row, column, vector_type, intp):
     return _splat(builder, scalar, vector_type, ir.IntType(32))
 
 
+def _vector_at(builder, array, index, vector_pointer):
+    """A pointer to the vector of ``array`` that starts at element ``index`` (an LLVM value)."""
+    return builder.bitcast(builder.gep(array.data, [index]), vector_pointer)
+
+
 def _load_as(builder, array, offset, lanes, lane_type, vector_type, intp):
-    """A vector of ``lanes`` values of ``array`` from ``offset``, converted to ``vector_type``."""
-    pointer = builder.gep(array.data, [ir.Constant(intp, offset)])
+    """A vector of ``lanes`` values of ``array`` from ``offset`` (an int, or an LLVM value),
+    converted to ``vector_type``."""
+    if isinstance(offset, int):
+        offset = ir.Constant(intp, offset)
+    pointer = builder.gep(array.data, [offset])
     loaded_type = ir.VectorType(lane_type, lanes)
     value = builder.load(builder.bitcast(pointer, loaded_type.as_pointer()), align=4)
     return _converted(builder, value, lane_type, vector_type)
