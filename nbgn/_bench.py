@@ -8,6 +8,11 @@ array (Numba's parallel ``x *= a``) divided by the contender's time. The two-pas
 each unit, then ``x *= a`` over it, scheduled as nbgn in place: see ``kernels.roofline``) is nbgn's
 memory traffic without its arithmetic: where a unit outgrows the caches, its roofline fraction is
 what a group norm that must read each unit before writing it can reach.
+
+Two more measurements answer questions one process's table cannot: ``--scaling`` times nbgn in
+place at one thread against all threads, interleaved in one process (how well one unit's work is
+split); ``--startup`` times fresh processes with a warm Numba cache, ``import numpy, numba`` against
+``import nbgn`` and a first float32 and float64 call (what a short script pays for nbgn).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -143,6 +149,151 @@ def time_side_by_side(
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+#: The thread-scaling case: one sample, one group, cache-resident (2 MiB in float32), so that
+#: all threads share one unit's work.
+SCALING_CASES = [("one group", (1, 8, 256, 256), 1)]
+
+
+def time_thread_scaling(
+    run: Callable[[], object], thread_counts: Sequence[int], repeat: int
+) -> dict[int, float]:
+    """Median seconds per call of ``run`` at each of ``thread_counts``, timed in turn ``repeat``
+    times (``numba.set_num_threads`` before each; the previous count restored after).
+
+    As in ``time_side_by_side``, each timed sample follows untimed calls at its own count, and
+    each repeat starts one count further on.
+    """
+    previous = numba.get_num_threads()
+    try:
+        run()  # compile
+        numba.set_num_threads(thread_counts[0])
+        _warm_up(run, WARM_UP_SECONDS)
+        start = time.perf_counter()
+        run()
+        single = max(time.perf_counter() - start, 1e-7)
+        number = max(1, math.ceil(MIN_MEASUREMENT_SECONDS / single))
+        samples: dict[int, list[float]] = {count: [] for count in thread_counts}
+        for repeat_index in range(repeat):
+            shift = repeat_index % len(thread_counts)
+            for count in [*thread_counts[shift:], *thread_counts[:shift]]:
+                numba.set_num_threads(count)
+                _warm_up(run, WARM_UP_SECONDS)
+                start = time.perf_counter()
+                for _ in range(number):
+                    run()
+                samples[count].append((time.perf_counter() - start) / number)
+    finally:
+        numba.set_num_threads(previous)
+    return {count: statistics.median(values) for count, values in samples.items()}
+
+
+def run_scaling(
+    cases: Sequence[tuple[str, tuple[int, ...], int]] = SCALING_CASES,
+    layouts: Sequence[str] = ("NCHW", "NHWC"),
+    dtypes: Sequence[str] = ("float32",),
+    threads: int | None = None,
+    repeat: int = 15,
+) -> dict[str, Any]:
+    """nbgn in place (with weight and bias) at one thread against ``threads`` (default: all
+    Numba may use) on every case; return ``{"machine": ..., "scaling": [...]}``, a row per case
+    with both medians and ``speedup`` (one thread's time / all threads')."""
+    many = threads or numba.config.NUMBA_NUM_THREADS
+    rng = np.random.default_rng(0)
+    rows = []
+    for name, shape, groups in cases:
+        for layout in layouts:
+            for dtype in dtypes:
+                x = rng.random(shape, dtype=np.float64).astype(dtype)
+                if layout == "NHWC":
+                    x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+                medians = time_thread_scaling(contenders(x, groups, layout)["nbgn in place"],
+                                              [1, many], repeat)  # fmt: skip
+                rows.append({"case": name, "shape": list(shape), "groups": groups,
+                             "layout": layout, "dtype": dtype, "threads": many,
+                             "seconds_one_thread": medians[1], "seconds_all_threads": medians[many],
+                             "speedup": medians[1] / medians[many]})  # fmt: skip
+    return {"machine": machine(), "repeat": repeat, "scaling": rows}
+
+
+#: What the fresh processes of ``--startup`` run, each timing its parts inside itself and printing
+#: the seconds: the baseline's imports, and nbgn's import with its first float32 and float64 calls.
+STARTUP_BASELINE = """\
+import time
+start = time.perf_counter()
+import numpy, numba
+print(time.perf_counter() - start)
+"""
+STARTUP_NBGN = """\
+import time
+start = time.perf_counter()
+import numpy, numba
+imported_numba = time.perf_counter()
+import nbgn
+imported_nbgn = time.perf_counter()
+x = numpy.ones((2, 8, 4, 4), numpy.float32)
+nbgn.group_norm(x, 4)
+first_float32 = time.perf_counter()
+nbgn.group_norm(x.astype(numpy.float64), 4)
+first_float64 = time.perf_counter()
+print(imported_numba - start, imported_nbgn - imported_numba, first_float32 - imported_nbgn,
+      first_float64 - first_float32)
+"""
+STARTUP_PARTS = ("import numpy, numba", "import nbgn", "first float32 call", "first float64 call")
+
+
+def _fresh_process(code: str) -> tuple[float, list[float]]:
+    """Wall seconds of a fresh ``python -c code``, its start and exit included, and the seconds
+    it printed."""
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return time.perf_counter() - start, [float(value) for value in done.stdout.split()]
+
+
+def time_startup(repeat: int = 7) -> dict[str, Any]:
+    """``STARTUP_BASELINE`` against ``STARTUP_NBGN`` in ``repeat`` pairs of fresh processes
+    (alternating which runs first), after one untimed run of each (which fills Numba's cache if it
+    was cold, and the OS's file cache).
+
+    Returns medians: ``in_process`` (the baseline's imports against nbgn's process's parts added
+    up, each timed inside its process: what importing nbgn and its first calls take),
+    ``whole_process`` (wall times of the processes, interpreter start and exit included) and
+    ``parts``; each with its ``ratio``, the median of the pairs' ratios.
+    """
+    _fresh_process(STARTUP_BASELINE)
+    _fresh_process(STARTUP_NBGN)
+    samples: dict[str, list[float]] = {
+        key: [] for key in ("baseline", "nbgn", "baseline_wall", "nbgn_wall", *STARTUP_PARTS)
+    }
+    in_process_ratios, wall_ratios = [], []
+    for repeat_index in range(repeat):
+        order = (STARTUP_BASELINE, STARTUP_NBGN)[:: 1 - 2 * (repeat_index % 2)]
+        timed = {code: _fresh_process(code) for code in order}
+        baseline_wall, (baseline,) = timed[STARTUP_BASELINE]
+        nbgn_wall, parts = timed[STARTUP_NBGN]
+        for key, value in zip(STARTUP_PARTS, parts, strict=True):
+            samples[key].append(value)
+        samples["baseline"].append(baseline)
+        samples["nbgn"].append(sum(parts))
+        samples["baseline_wall"].append(baseline_wall)
+        samples["nbgn_wall"].append(nbgn_wall)
+        in_process_ratios.append(sum(parts) / baseline)
+        wall_ratios.append(nbgn_wall / baseline_wall)
+    medians = {key: statistics.median(values) for key, values in samples.items()}
+    return {
+        "machine": machine(),
+        "repeat": repeat,
+        "startup": {
+            "in_process": {"baseline_seconds": medians["baseline"],
+                           "nbgn_seconds": medians["nbgn"],
+                           "ratio": statistics.median(in_process_ratios)},
+            "whole_process": {"baseline_seconds": medians["baseline_wall"],
+                              "nbgn_seconds": medians["nbgn_wall"],
+                              "ratio": statistics.median(wall_ratios)},
+            "parts": {key: medians[key] for key in STARTUP_PARTS},
+        },
+    }  # fmt: skip
+
+
 def machine() -> dict[str, Any]:
     """The header of a benchmark: CPU, cores, threading layer and threads, versions."""
     details = info()
@@ -232,12 +383,8 @@ def _format_seconds(seconds: float) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as text: a machine header, then one block of rows per case."""
-    m = report["machine"]
-    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
     lines = [
-        f"CPU: {m['cpu']}, {m['cores']} cores ({' '.join(m['vector_features'])})",
-        f"Numba threading layer: {m['threading_layer']}, threads: {m['threads']}",
-        f"Versions: {versions}",
+        *_machine_lines(report["machine"]),
         f"Medians of {report['repeat']} interleaved repeats, "
         + ("caches flushed before every call" if report.get("cold") else "each in steady state")
         + "; ratio = time / nbgn in place; GB/s = 2 * nbytes / time; "
@@ -259,6 +406,54 @@ def format_table(report: dict[str, Any]) -> str:
             f"{_format_seconds(row['seconds']):>10} {row['vs_nbgn_in_place']:7.2f} "
             f"{row['gb_per_s']:7.1f} {row['roofline']:8.2f}"
         )
+    return "\n".join(lines)
+
+
+def _machine_lines(m: dict[str, Any]) -> list[str]:
+    versions = ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v)
+    return [
+        f"CPU: {m['cpu']}, {m['cores']} cores ({' '.join(m['vector_features'])})",
+        f"Numba threading layer: {m['threading_layer']}, threads: {m['threads']}",
+        f"Versions: {versions}",
+    ]
+
+
+def format_scaling(report: dict[str, Any]) -> str:
+    """``run_scaling``'s report as text: a row per case, layout and dtype."""
+    lines = [
+        *_machine_lines(report["machine"]),
+        f"nbgn in place with weight and bias; medians of {report['repeat']} interleaved repeats",
+        "",
+        f"{'case':<28} {'layout':<6} {'dtype':<8} {'1 thread':>10} {'threads':>8} "
+        f"{'median':>10} {'speedup':>8}",
+    ]
+    for row in report["scaling"]:
+        label = f"{row['case']} {tuple(row['shape'])}/{row['groups']}"
+        lines.append(
+            f"{label:<28} {row['layout']:<6} {row['dtype']:<8} "
+            f"{_format_seconds(row['seconds_one_thread']):>10} {row['threads']:>8} "
+            f"{_format_seconds(row['seconds_all_threads']):>10} {row['speedup']:8.2f}"
+        )
+    return "\n".join(lines)
+
+
+def format_startup(report: dict[str, Any]) -> str:
+    """``time_startup``'s report as text."""
+    startup = report["startup"]
+    lines = [
+        *_machine_lines(report["machine"]),
+        f"Fresh processes, warm Numba cache; medians of {report['repeat']} alternating pairs",
+        "",
+        f"{'':<44} {'import numpy, numba':>20} {'import nbgn + calls':>20} {'ratio':>6}",
+    ]
+    for key, label in (("in_process", "timed inside the processes"),
+                       ("whole_process", "whole processes (start and exit too)")):  # fmt: skip
+        row = startup[key]
+        lines.append(f"{label:<44} {_format_seconds(row['baseline_seconds']):>20} "
+                     f"{_format_seconds(row['nbgn_seconds']):>20} {row['ratio']:6.2f}")  # fmt: skip
+    lines += ["", "nbgn's process, part by part:"]
+    lines += [f"  {name:<42} {_format_seconds(seconds):>10}"
+              for name, seconds in startup["parts"].items()]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -289,7 +484,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="flush the caches before every timed call (default: each contender's steady state)",
     )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument(
+        "--scaling", action="store_true",
+        help="nbgn in place at 1 thread against all (or --threads); default case (1, 8, 256, 256)/1",
+    )  # fmt: skip
+    mode.add_argument(
+        "--startup", action="store_true",
+        help="fresh processes: import numpy, numba against import nbgn and first calls",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.startup:
+        report = time_startup(7 if args.repeat == 15 else args.repeat)
+        print(json.dumps(report, indent=2) if args.json else format_startup(report))
+        return 0
 
     if args.shape:
         groups = args.groups or [1] * len(args.shape)
@@ -300,8 +508,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             for i, (s, g) in enumerate(zip(args.shape, groups, strict=True))
         ]
     else:
-        cases = QUICK_CASES if args.quick else DEFAULT_CASES
+        cases = SCALING_CASES if args.scaling else QUICK_CASES if args.quick else DEFAULT_CASES
     repeat = 3 if args.quick and args.repeat == 15 else args.repeat
+    if args.scaling:
+        report = run_scaling(cases, args.layout, args.dtype, args.threads, repeat)
+        print(json.dumps(report, indent=2) if args.json else format_scaling(report))
+        return 0
     report = run(
         cases, args.layout, args.dtype, args.threads, repeat, progress=_progress, cold=args.cold
     )

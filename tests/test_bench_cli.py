@@ -111,3 +111,70 @@ def test_every_timed_sample_follows_a_warm_up_of_its_own_contender(monkeypatch):
     repeats = [order[k : k + len(names)] for k in range(0, len(order), len(names))]
     assert all(sorted(r) == sorted(names) for r in repeats)
     assert len({r[0] for r in repeats}) == 3  # each repeat starts with another contender
+
+
+def test_thread_scaling_times_each_count_in_turn_and_restores_threads(monkeypatch):
+    """Every timed call runs at the count it is recorded under, after a warm-up at that count;
+    each repeat starts with another count; the caller's count comes back."""
+    import numba
+
+    monkeypatch.setattr(_bench, "MIN_MEASUREMENT_SECONDS", 0.0)
+    monkeypatch.setattr(_bench, "WARM_UP_SECONDS", 0.0)
+    before = numba.get_num_threads()
+    counts = [1, numba.config.NUMBA_NUM_THREADS]
+    calls = []
+    medians = _bench.time_thread_scaling(lambda: calls.append(numba.get_num_threads()), counts, 4)
+    assert set(medians) == set(counts)
+    assert all(seconds > 0 for seconds in medians.values())
+    assert numba.get_num_threads() == before
+    # compile, warm-up and sizing calls, then per repeat and count: a warm-up call, a timed call.
+    timed = calls[3:]
+    assert len(timed) == 2 * 4 * len(counts)
+    pairs = [timed[k : k + 2] for k in range(0, len(timed), 2)]
+    assert all(warm == measured for warm, measured in pairs)
+    starts = [pairs[k][0] for k in range(0, len(pairs), len(counts))]
+    if len(set(counts)) > 1:
+        assert len(set(starts)) == 2  # each repeat starts one count further on
+
+
+def test_scaling_report(capsys):
+    import numba
+
+    before = numba.get_num_threads()
+    args = ["--scaling", "--shape", "1", "8", "16", "16", "--groups", "1", "--repeat", "2"]
+    assert _bench.main([*args, "--dtype", "float32", "float64", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    rows = report["scaling"]
+    assert {(row["layout"], row["dtype"]) for row in rows} == {
+        (layout, dtype) for layout in ("NCHW", "NHWC") for dtype in ("float32", "float64")
+    }
+    for row in rows:
+        assert row["threads"] == numba.config.NUMBA_NUM_THREADS
+        assert row["speedup"] == row["seconds_one_thread"] / row["seconds_all_threads"]
+    assert numba.get_num_threads() == before
+    assert _bench.main([*args, "--layout", "NHWC", "--threads", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "one group" not in text  # the given shape, not the default case
+    row = next(line for line in text.splitlines() if line.startswith("shape 1 (1, 8, 16, 16)/1"))
+    assert row.split()[6:8] == ["NHWC", "float32"]
+    assert "speedup" in text
+
+
+def test_startup_report_times_fresh_processes(capsys):
+    """One pair of fresh processes (after the untimed pair): nbgn's parts add up to its in-process
+    time, which its whole process (start and exit too) exceeds."""
+    assert _bench.main(["--startup", "--repeat", "1", "--json"]) == 0
+    startup = json.loads(capsys.readouterr().out)["startup"]
+    assert set(startup["parts"]) == set(_bench.STARTUP_PARTS)
+    assert all(seconds > 0 for seconds in startup["parts"].values())
+    inside, whole = startup["in_process"], startup["whole_process"]
+    assert inside["nbgn_seconds"] == pytest.approx(sum(startup["parts"].values()))
+    assert whole["nbgn_seconds"] > inside["nbgn_seconds"]
+    assert whole["baseline_seconds"] > inside["baseline_seconds"]
+    for row in (inside, whole):
+        assert row["ratio"] == pytest.approx(row["nbgn_seconds"] / row["baseline_seconds"])
+
+
+def test_startup_and_scaling_are_exclusive():
+    with pytest.raises(SystemExit):
+        _bench.main(["--startup", "--scaling"])

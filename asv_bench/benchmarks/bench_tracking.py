@@ -1,6 +1,9 @@
 """Figures to track over commits: speedup over the baseline, fraction of the memory roofline, and of
 the two-pass floor (the least an exact group norm can take: see ``nbgn.kernels.roofline``)."""
 
+import numba
+import numpy as np
+
 # The module, not its functions: asv would take an imported ``time_side_by_side`` for a benchmark.
 from nbgn import _bench
 
@@ -32,3 +35,25 @@ class GroupNormFigures:
         return self.medians["two-pass floor"] / self.medians["nbgn in place"]
 
     track_two_pass_floor_fraction.unit = "fraction (two-pass floor time / nbgn in-place time)"
+
+
+class ThreadScaling:
+    """nbgn in place at one thread against all, in one process (medians of interleaved runs), on
+    one sample of one group (``_bench.SCALING_CASES``): the threads must split one unit's work."""
+
+    params = [LAYOUTS, DTYPES]
+    param_names = ["layout", "dtype"]
+    timeout = 300
+
+    def setup(self, layout, dtype):
+        ((_, shape, groups),) = _bench.SCALING_CASES
+        in_layout = shape if layout == "NCHW" else (shape[0], *shape[2:], shape[1])
+        x = np.random.default_rng(0).random(in_layout, dtype=np.dtype(dtype).type)
+        self.all_threads = numba.config.NUMBA_NUM_THREADS
+        run = _bench.contenders(x, groups, layout)["nbgn in place"]
+        self.medians = _bench.time_thread_scaling(run, [1, self.all_threads], repeat=7)
+
+    def track_speedup_of_all_threads(self, layout, dtype):
+        return self.medians[1] / self.medians[self.all_threads]
+
+    track_speedup_of_all_threads.unit = "x (one thread's time / all threads' time)"
