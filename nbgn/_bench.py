@@ -57,6 +57,14 @@ def _torch():
     return torch
 
 
+def random_input(
+    rng: np.random.Generator, shape: tuple[int, ...], layout: str, dtype: str
+) -> np.ndarray:
+    """Uniform values in [0, 1) of ``shape`` (N, C, *spatial), created in ``layout``'s order."""
+    x = rng.random(shape, dtype=np.float64).astype(dtype)
+    return np.ascontiguousarray(np.moveaxis(x, 1, -1)) if layout == "NHWC" else x
+
+
 def contenders(x: np.ndarray, groups: int, layout: str) -> dict[str, Callable[[], object]]:
     """Callables to time on ``x``: nbgn in place and allocating, the baseline, PyTorch if
     installed, the roofline pass and the two-pass floor, all with per-channel weight and bias."""
@@ -203,9 +211,7 @@ def run_scaling(
     for name, shape, groups in cases:
         for layout in layouts:
             for dtype in dtypes:
-                x = rng.random(shape, dtype=np.float64).astype(dtype)
-                if layout == "NHWC":
-                    x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+                x = random_input(rng, shape, layout, dtype)
                 medians = time_thread_scaling(contenders(x, groups, layout)["nbgn in place"],
                                               [1, many], repeat)  # fmt: skip
                 rows.append({"case": name, "shape": list(shape), "groups": groups,
@@ -349,9 +355,7 @@ def _run_cases(cases, layouts, dtypes, repeat, progress, cold):
                 step += 1
                 if progress is not None:
                     progress(f"[{step}/{total}] {name} {shape}/{groups} {layout} {dtype}")
-                x = rng.random(shape, dtype=np.float64).astype(dtype)
-                if layout == "NHWC":
-                    x = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+                x = random_input(rng, shape, layout, dtype)
                 medians = time_side_by_side(contenders(x, groups, layout), repeat, cold)
                 reference = medians["nbgn in place"]
                 roofline = medians["roofline x *= a"]

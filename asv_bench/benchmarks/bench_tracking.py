@@ -47,8 +47,7 @@ class ThreadScaling:
 
     def setup(self, layout, dtype):
         ((_, shape, groups),) = _bench.SCALING_CASES
-        in_layout = shape if layout == "NCHW" else (shape[0], *shape[2:], shape[1])
-        x = np.random.default_rng(0).random(in_layout, dtype=np.dtype(dtype).type)
+        x = _bench.random_input(np.random.default_rng(0), shape, layout, dtype)
         self.all_threads = numba.config.NUMBA_NUM_THREADS
         run = _bench.contenders(x, groups, layout)["nbgn in place"]
         self.medians = _bench.time_thread_scaling(run, [1, self.all_threads], repeat=7)
