@@ -272,7 +272,8 @@ def time_startup(repeat: int = 7) -> dict[str, Any]:
     }
     in_process_ratios, wall_ratios = [], []
     for repeat_index in range(repeat):
-        order = (STARTUP_BASELINE, STARTUP_NBGN)[:: 1 - 2 * (repeat_index % 2)]
+        first, second = (STARTUP_BASELINE, STARTUP_NBGN)
+        order = (first, second) if repeat_index % 2 == 0 else (second, first)
         timed = {code: _fresh_process(code) for code in order}
         baseline_wall, (baseline,) = timed[STARTUP_BASELINE]
         nbgn_wall, parts = timed[STARTUP_NBGN]
@@ -498,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="fresh processes: import numpy, numba against import nbgn and first calls",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.startup and (args.shape or args.groups or args.threads or args.quick or args.cold):
+        parser.error("--startup times its own fixed calls: it takes only --repeat and --json")
+    if args.scaling and (args.quick or args.cold):
+        parser.error("--scaling measures steady states: --quick and --cold apply to the table")
     if args.startup:
         report = time_startup(7 if args.repeat == 15 else args.repeat)
         print(json.dumps(report, indent=2) if args.json else format_startup(report))

@@ -175,6 +175,17 @@ def test_startup_report_times_fresh_processes(capsys):
         assert row["ratio"] == pytest.approx(row["nbgn_seconds"] / row["baseline_seconds"])
 
 
-def test_startup_and_scaling_are_exclusive():
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--startup", "--scaling"], "not allowed with argument"),
+        (["--startup", "--shape", "2", "8", "4", "4"], "takes only --repeat and --json"),
+        (["--startup", "--threads", "1"], "takes only --repeat and --json"),
+        (["--scaling", "--cold"], "apply to the table"),
+        (["--scaling", "--quick"], "apply to the table"),
+    ],
+)
+def test_options_a_mode_would_ignore_are_refused(args, message, capsys):
     with pytest.raises(SystemExit):
-        _bench.main(["--startup", "--scaling"])
+        _bench.main(args)
+    assert message in capsys.readouterr().err
