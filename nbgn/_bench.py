@@ -251,8 +251,14 @@ def _fresh_process(code: str) -> tuple[float, list[float]]:
     """Wall seconds of a fresh ``python -c code``, its start and exit included, and the seconds
     it printed."""
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return time.perf_counter() - start, [float(value) for value in done.stdout.split()]
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"a fresh Python process ({sys.executable}) failed to run the startup measurement; "
+            f"it printed:\n{done.stderr.strip()}"
+        )
+    return seconds, [float(value) for value in done.stdout.split()]
 
 
 def time_startup(repeat: int = 7) -> dict[str, Any]:

@@ -189,3 +189,9 @@ def test_options_a_mode_would_ignore_are_refused(args, message, capsys):
     with pytest.raises(SystemExit):
         _bench.main(args)
     assert message in capsys.readouterr().err
+
+
+def test_a_failing_startup_process_says_what_it_printed(monkeypatch):
+    monkeypatch.setattr(_bench, "STARTUP_NBGN", "raise SystemExit('no nbgn here')")
+    with pytest.raises(RuntimeError, match="no nbgn here"):
+        _bench.time_startup(repeat=1)
