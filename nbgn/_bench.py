@@ -121,7 +121,16 @@ FLUSH_BYTES = 256 * 2**20
 def time_side_by_side(
     contenders: dict[str, Callable[[], object]], repeat: int, cold: bool = False
 ) -> dict[str, float]:
-    """Median seconds per call of each contender, timed round-robin ``repeat`` times.
+    """Median seconds per call of each contender over ``sample_side_by_side``'s repeats."""
+    samples = sample_side_by_side(contenders, repeat, cold)
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def sample_side_by_side(
+    contenders: dict[str, Callable[[], object]], repeat: int, cold: bool = False
+) -> dict[str, list[float]]:
+    """Seconds per call of each contender, one sample per repeat, timed round-robin ``repeat``
+    times (sample ``k`` of every contender comes from repeat ``k``: see ``paired_ratio``).
 
     By default each timed sample follows untimed calls of the same contender (``_warm_up``), so
     every contender is measured in its own steady state (its data as warm as its previous call left
@@ -154,7 +163,20 @@ def time_side_by_side(
             for _ in range(number):
                 run()
             samples[name].append((time.perf_counter() - start) / number)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def paired_ratio(samples: dict[Any, list[float]], numerator: Any, denominator: Any) -> float:
+    """The median over repeats of ``numerator``'s time over ``denominator``'s in the same repeat.
+
+    The two samples of a repeat are taken within milliseconds of each other, so a slow spell of a
+    shared machine (another tenant's burst) weighs on both; a ratio of the two medians pairs
+    samples from different moments. On a noisy 2-core VM, (16, 2048, 7, 7)/32 PyTorch against nbgn
+    allocating gave medians whose ratio moved from 1.36 to 1.95 between runs.
+    """
+    return statistics.median(
+        a / b for a, b in zip(samples[numerator], samples[denominator], strict=True)
+    )
 
 
 #: The thread-scaling case: one sample, one group, cache-resident (2 MiB in float32), so that
@@ -162,11 +184,12 @@ def time_side_by_side(
 SCALING_CASES = [("one group", (1, 8, 256, 256), 1)]
 
 
-def time_thread_scaling(
+def sample_thread_scaling(
     run: Callable[[], object], thread_counts: Sequence[int], repeat: int
-) -> dict[int, float]:
-    """Median seconds per call of ``run`` at each of ``thread_counts``, timed in turn ``repeat``
-    times (``numba.set_num_threads`` before each; the previous count restored after).
+) -> dict[int, list[float]]:
+    """Seconds per call of ``run`` at each of ``thread_counts``, one sample per repeat, timed in
+    turn ``repeat`` times (``numba.set_num_threads`` before each; the previous count restored
+    after).
 
     As in ``time_side_by_side``, each timed sample follows untimed calls at its own count, and
     each repeat starts one count further on.
@@ -192,7 +215,7 @@ def time_thread_scaling(
                 samples[count].append((time.perf_counter() - start) / number)
     finally:
         numba.set_num_threads(previous)
-    return {count: statistics.median(values) for count, values in samples.items()}
+    return samples
 
 
 def run_scaling(
@@ -204,7 +227,7 @@ def run_scaling(
 ) -> dict[str, Any]:
     """nbgn in place (with weight and bias) at one thread against ``threads`` (default: all
     Numba may use) on every case; return ``{"machine": ..., "scaling": [...]}``, a row per case
-    with both medians and ``speedup`` (one thread's time / all threads')."""
+    with both medians and ``speedup`` (one thread's time / all threads', ``paired_ratio``)."""
     many = threads or numba.config.NUMBA_NUM_THREADS
     rng = np.random.default_rng(0)
     rows = []
@@ -212,12 +235,13 @@ def run_scaling(
         for layout in layouts:
             for dtype in dtypes:
                 x = random_input(rng, shape, layout, dtype)
-                medians = time_thread_scaling(contenders(x, groups, layout)["nbgn in place"],
-                                              [1, many], repeat)  # fmt: skip
+                samples = sample_thread_scaling(contenders(x, groups, layout)["nbgn in place"],
+                                                [1, many], repeat)  # fmt: skip
                 rows.append({"case": name, "shape": list(shape), "groups": groups,
                              "layout": layout, "dtype": dtype, "threads": many,
-                             "seconds_one_thread": medians[1], "seconds_all_threads": medians[many],
-                             "speedup": medians[1] / medians[many]})  # fmt: skip
+                             "seconds_one_thread": statistics.median(samples[1]),
+                             "seconds_all_threads": statistics.median(samples[many]),
+                             "speedup": paired_ratio(samples, 1, many)})  # fmt: skip
     return {"machine": machine(), "repeat": repeat, "scaling": rows}
 
 
@@ -333,7 +357,8 @@ def run(
 
     ``cases`` are ``(name, (N, C, *spatial), num_groups)``; for NHWC the array is created
     channels last. Each result row: case, shape, groups, layout, dtype, threads, contender,
-    ``seconds`` (median), ``vs_nbgn_in_place`` (time ratio), ``gb_per_s`` and ``roofline``.
+    ``seconds`` (median), ``vs_nbgn_in_place`` (time ratio), ``gb_per_s`` and ``roofline``; the
+    ratios are medians of ratios within a repeat (``paired_ratio``).
     ``cold``: caches flushed before every timed call (see ``time_side_by_side``).
     """
     torch = _torch()
@@ -363,9 +388,7 @@ def _run_cases(cases, layouts, dtypes, repeat, progress, cold):
                 if progress is not None:
                     progress(f"[{step}/{total}] {name} {shape}/{groups} {layout} {dtype}")
                 x = random_input(rng, shape, layout, dtype)
-                medians = time_side_by_side(contenders(x, groups, layout), repeat, cold)
-                reference = medians["nbgn in place"]
-                roofline = medians["roofline x *= a"]
+                samples = sample_side_by_side(contenders(x, groups, layout), repeat, cold)
                 rows.extend(
                     {
                         "case": name,
@@ -376,11 +399,13 @@ def _run_cases(cases, layouts, dtypes, repeat, progress, cold):
                         "threads": numba.get_num_threads(),
                         "contender": contender,
                         "seconds": seconds,
-                        "vs_nbgn_in_place": seconds / reference,
+                        "vs_nbgn_in_place": paired_ratio(samples, contender, "nbgn in place"),
                         "gb_per_s": 2 * x.nbytes / seconds / 1e9,
-                        "roofline": roofline / seconds,
+                        "roofline": paired_ratio(samples, "roofline x *= a", contender),
                     }
-                    for contender, seconds in medians.items()
+                    for contender, seconds in (
+                        (name, statistics.median(values)) for name, values in samples.items()
+                    )
                 )
     return rows
 
@@ -398,8 +423,9 @@ def format_table(report: dict[str, Any]) -> str:
         *_machine_lines(report["machine"]),
         f"Medians of {report['repeat']} interleaved repeats, "
         + ("caches flushed before every call" if report.get("cold") else "each in steady state")
-        + "; ratio = time / nbgn in place; GB/s = 2 * nbytes / time; "
-        "roofline = time of x *= a / time; two-pass floor = each unit summed, then x *= a",
+        + "; ratio = time / nbgn in place and roofline = time of x *= a / time, each the "
+        "median of the ratios within a repeat; GB/s = 2 * nbytes / median time; "
+        "two-pass floor = each unit summed, then x *= a",
         "",
         f"{'case':<28} {'layout':<5} {'dtype':<8} {'contender':<16} {'median':>10} "
         f"{'ratio':>7} {'GB/s':>7} {'roofline':>8}",

@@ -1,6 +1,7 @@
 """python -m nbgn bench: the table and the JSON report."""
 
 import json
+import statistics
 
 import pytest
 
@@ -123,9 +124,10 @@ def test_thread_scaling_times_each_count_in_turn_and_restores_threads(monkeypatc
     before = numba.get_num_threads()
     counts = [1, numba.config.NUMBA_NUM_THREADS]
     calls = []
-    medians = _bench.time_thread_scaling(lambda: calls.append(numba.get_num_threads()), counts, 4)
-    assert set(medians) == set(counts)
-    assert all(seconds > 0 for seconds in medians.values())
+    samples = _bench.sample_thread_scaling(lambda: calls.append(numba.get_num_threads()), counts, 4)
+    assert set(samples) == set(counts)
+    assert all(len(values) == 4 * counts.count(count) for count, values in samples.items())
+    assert all(seconds > 0 for values in samples.values() for seconds in values)
     assert numba.get_num_threads() == before
     # compile, warm-up and sizing calls, then per repeat and count: a warm-up call, a timed call.
     timed = calls[3:]
@@ -150,7 +152,7 @@ def test_scaling_report(capsys):
     }
     for row in rows:
         assert row["threads"] == numba.config.NUMBA_NUM_THREADS
-        assert row["speedup"] == row["seconds_one_thread"] / row["seconds_all_threads"]
+        assert row["speedup"] > 0
     assert numba.get_num_threads() == before
     assert _bench.main([*args, "--layout", "NHWC", "--threads", "1"]) == 0
     text = capsys.readouterr().out
@@ -195,3 +197,12 @@ def test_a_failing_startup_process_says_what_it_printed(monkeypatch):
     monkeypatch.setattr(_bench, "STARTUP_NBGN", "raise SystemExit('no nbgn here')")
     with pytest.raises(RuntimeError, match="no nbgn here"):
         _bench.time_startup(repeat=1)
+
+
+def test_paired_ratio_is_the_median_of_ratios_within_repeats():
+    """Not the ratio of the medians: a slow spell that hits both samples of a repeat cancels."""
+    samples = {"a": [1.0, 10.0, 2.0, 20.0, 3.0], "b": [2.0, 20.0, 4.0, 40.0, 6.0]}
+    assert _bench.paired_ratio(samples, "a", "b") == 0.5
+    samples = {"a": [1.0, 2.0, 9.0], "b": [2.0, 1.0, 3.0]}  # ratios 0.5, 2 and 3
+    assert _bench.paired_ratio(samples, "a", "b") == 2.0
+    assert statistics.median(samples["a"]) / statistics.median(samples["b"]) == 1.0

@@ -11,7 +11,8 @@ from .common import CASES, DTYPES, LAYOUTS, make_input
 
 
 class GroupNormFigures:
-    """Both measured side by side in one process (medians of interleaved runs), all threads."""
+    """Both measured side by side in one process, all threads: medians of the ratios within each of
+    the interleaved repeats (``_bench.paired_ratio``)."""
 
     params = [list(CASES), LAYOUTS, DTYPES]
     param_names = ["case", "layout", "dtype"]
@@ -19,26 +20,27 @@ class GroupNormFigures:
 
     def setup(self, case, layout, dtype):
         x, groups, _, _ = make_input(case, layout, dtype)
-        self.medians = _bench.time_side_by_side(_bench.contenders(x, groups, layout), repeat=7)
+        self.samples = _bench.sample_side_by_side(_bench.contenders(x, groups, layout), repeat=7)
 
     def track_speedup_over_baseline(self, case, layout, dtype):
-        return self.medians["numpy baseline"] / self.medians["nbgn in place"]
+        return _bench.paired_ratio(self.samples, "numpy baseline", "nbgn in place")
 
     track_speedup_over_baseline.unit = "x (baseline time / nbgn in-place time)"
 
     def track_roofline_fraction(self, case, layout, dtype):
-        return self.medians["roofline x *= a"] / self.medians["nbgn in place"]
+        return _bench.paired_ratio(self.samples, "roofline x *= a", "nbgn in place")
 
     track_roofline_fraction.unit = "fraction (x *= a time / nbgn in-place time)"
 
     def track_two_pass_floor_fraction(self, case, layout, dtype):
-        return self.medians["two-pass floor"] / self.medians["nbgn in place"]
+        return _bench.paired_ratio(self.samples, "two-pass floor", "nbgn in place")
 
     track_two_pass_floor_fraction.unit = "fraction (two-pass floor time / nbgn in-place time)"
 
 
 class ThreadScaling:
-    """nbgn in place at one thread against all, in one process (medians of interleaved runs), on
+    """nbgn in place at one thread against all, in one process (median of the ratios within each
+    interleaved repeat), on
     one sample of one group (``_bench.SCALING_CASES``): the threads must split one unit's work."""
 
     params = [LAYOUTS, DTYPES]
@@ -50,9 +52,9 @@ class ThreadScaling:
         x = _bench.random_input(np.random.default_rng(0), shape, layout, dtype)
         self.all_threads = numba.config.NUMBA_NUM_THREADS
         run = _bench.contenders(x, groups, layout)["nbgn in place"]
-        self.medians = _bench.time_thread_scaling(run, [1, self.all_threads], repeat=7)
+        self.samples = _bench.sample_thread_scaling(run, [1, self.all_threads], repeat=7)
 
     def track_speedup_of_all_threads(self, layout, dtype):
-        return self.medians[1] / self.medians[self.all_threads]
+        return _bench.paired_ratio(self.samples, 1, self.all_threads)
 
     track_speedup_of_all_threads.unit = "x (one thread's time / all threads' time)"
