@@ -357,8 +357,9 @@ def run(
 
     ``cases`` are ``(name, (N, C, *spatial), num_groups)``; for NHWC the array is created
     channels last. Each result row: case, shape, groups, layout, dtype, threads, contender,
-    ``seconds`` (median), ``vs_nbgn_in_place`` (time ratio), ``gb_per_s`` and ``roofline``; the
-    ratios are medians of ratios within a repeat (``paired_ratio``).
+    ``seconds`` (median), ``vs_nbgn_in_place`` (time ratio), ``gb_per_s``, ``roofline`` and
+    ``vs_pytorch`` (PyTorch's time / the contender's; None without PyTorch); the ratios are
+    medians of ratios within a repeat (``paired_ratio``).
     ``cold``: caches flushed before every timed call (see ``time_side_by_side``).
     """
     torch = _torch()
@@ -402,6 +403,11 @@ def _run_cases(cases, layouts, dtypes, repeat, progress, cold):
                         "vs_nbgn_in_place": paired_ratio(samples, contender, "nbgn in place"),
                         "gb_per_s": 2 * x.nbytes / seconds / 1e9,
                         "roofline": paired_ratio(samples, "roofline x *= a", contender),
+                        "vs_pytorch": (
+                            paired_ratio(samples, "pytorch", contender)
+                            if "pytorch" in samples
+                            else None
+                        ),
                     }
                     for contender, seconds in (
                         (name, statistics.median(values)) for name, values in samples.items()
@@ -423,12 +429,12 @@ def format_table(report: dict[str, Any]) -> str:
         *_machine_lines(report["machine"]),
         f"Medians of {report['repeat']} interleaved repeats, "
         + ("caches flushed before every call" if report.get("cold") else "each in steady state")
-        + "; ratio = time / nbgn in place and roofline = time of x *= a / time, each the "
-        "median of the ratios within a repeat; GB/s = 2 * nbytes / median time; "
-        "two-pass floor = each unit summed, then x *= a",
+        + "; ratio = time / nbgn in place, roofline = time of x *= a / time and vs torch = "
+        "PyTorch's time / time, each the median of the ratios within a repeat; GB/s = 2 * nbytes "
+        "/ median time; two-pass floor = each unit summed, then x *= a",
         "",
         f"{'case':<28} {'layout':<5} {'dtype':<8} {'contender':<16} {'median':>10} "
-        f"{'ratio':>7} {'GB/s':>7} {'roofline':>8}",
+        f"{'ratio':>7} {'GB/s':>7} {'roofline':>8} {'vs torch':>8}",
     ]
     previous = None
     for row in report["results"]:
@@ -442,6 +448,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{label:<28} {layout:<5} {dtype:<8} {row['contender']:<16} "
             f"{_format_seconds(row['seconds']):>10} {row['vs_nbgn_in_place']:7.2f} "
             f"{row['gb_per_s']:7.1f} {row['roofline']:8.2f}"
+            + ("" if row.get("vs_pytorch") is None else f" {row['vs_pytorch']:8.2f}")
         )
     return "\n".join(lines)
 

@@ -28,6 +28,9 @@ def test_json_report(capsys):
         assert row["roofline"] > 0
         if row["contender"] == "nbgn in place":
             assert row["vs_nbgn_in_place"] == 1.0
+        if row["contender"] == "roofline x *= a":
+            assert row["roofline"] == 1.0
+        assert (row["vs_pytorch"] is None) == ("pytorch" not in contenders)
 
 
 def test_table_with_explicit_shapes_and_threads(capsys):
@@ -49,6 +52,10 @@ def test_pytorch_column_when_installed(capsys):
     _bench.main(["--shape", "2", "8", "4", "4", "--groups", "4", "--repeat", "1", "--json"])
     rows = json.loads(capsys.readouterr().out)["results"]
     assert "pytorch" in {row["contender"] for row in rows}
+    for row in rows:
+        assert row["vs_pytorch"] > 0
+        if row["contender"] == "pytorch":
+            assert row["vs_pytorch"] == 1.0
 
 
 def test_mismatched_groups_are_refused():
