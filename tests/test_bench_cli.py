@@ -122,8 +122,8 @@ def test_every_timed_sample_follows_a_warm_up_of_its_own_contender(monkeypatch):
 
 
 def test_thread_scaling_times_each_count_in_turn_and_restores_threads(monkeypatch):
-    """Every timed call runs at the count it is recorded under, after a warm-up at that count;
-    each repeat starts with another count; the caller's count comes back."""
+    """Each timed call runs after a warm-up at its own count, the counts in turn, each repeat
+    starting one further on; a sample per repeat and count; the caller's count comes back."""
     import numba
 
     monkeypatch.setattr(_bench, "MIN_MEASUREMENT_SECONDS", 0.0)
@@ -141,9 +141,8 @@ def test_thread_scaling_times_each_count_in_turn_and_restores_threads(monkeypatc
     assert len(timed) == 2 * 4 * len(counts)
     pairs = [timed[k : k + 2] for k in range(0, len(timed), 2)]
     assert all(warm == measured for warm, measured in pairs)
-    starts = [pairs[k][0] for k in range(0, len(pairs), len(counts))]
-    if len(set(counts)) > 1:
-        assert len(set(starts)) == 2  # each repeat starts one count further on
+    expected = [count for r in range(4) for count in counts[r % 2 :] + counts[: r % 2]]
+    assert [measured for _, measured in pairs] == expected
 
 
 def test_scaling_report(capsys):
