@@ -127,10 +127,15 @@ def time_side_by_side(
 
 
 def sample_side_by_side(
-    contenders: dict[str, Callable[[], object]], repeat: int, cold: bool = False
-) -> dict[str, list[float]]:
+    contenders: dict[Any, Callable[[], object]],
+    repeat: int,
+    cold: bool = False,
+    prepare: Callable[[Any], object] | None = None,
+) -> dict[Any, list[float]]:
     """Seconds per call of each contender, one sample per repeat, timed round-robin ``repeat``
     times (sample ``k`` of every contender comes from repeat ``k``: see ``paired_ratio``).
+    ``prepare(name)``, if given, sets the machine up for a contender (a thread count, say) before
+    any call of it, untimed. The first contender's time sets how many calls a sample takes.
 
     By default each timed sample follows untimed calls of the same contender (``_warm_up``), so
     every contender is measured in its own steady state (its data as warm as its previous call left
@@ -139,20 +144,24 @@ def sample_side_by_side(
     ``cold``, the caches are flushed before every single timed call instead: every contender
     starts from memory.
     """
-    for run in contenders.values():
-        run()  # compile and warm up
+    names = list(contenders)
+    set_up = prepare or (lambda name: None)
+    for name in names:
+        set_up(name)
+        contenders[name]()  # compile and warm up
     flush = np.ones(FLUSH_BYTES // 8) if cold else None
-    sizing = contenders["nbgn in place"]
+    set_up(names[0])
+    sizing = contenders[names[0]]
     _warm_up(sizing, WARM_UP_SECONDS)
     start = time.perf_counter()
     sizing()
     single = max(time.perf_counter() - start, 1e-7)
     number = 1 if cold else max(1, math.ceil(MIN_MEASUREMENT_SECONDS / single))
-    samples: dict[str, list[float]] = {name: [] for name in contenders}
-    names = list(contenders)
+    samples: dict[Any, list[float]] = {name: [] for name in names}
     for repeat_index in range(repeat):
         shift = repeat_index % len(names)
         for name in names[shift:] + names[:shift]:
+            set_up(name)
             run = contenders[name]
             if flush is None:
                 _warm_up(run, WARM_UP_SECONDS)
@@ -187,35 +196,16 @@ SCALING_CASES = [("one group", (1, 8, 256, 256), 1)]
 def sample_thread_scaling(
     run: Callable[[], object], thread_counts: Sequence[int], repeat: int
 ) -> dict[int, list[float]]:
-    """Seconds per call of ``run`` at each of ``thread_counts``, one sample per repeat, timed in
-    turn ``repeat`` times (``numba.set_num_threads`` before each; the previous count restored
-    after).
-
-    As in ``time_side_by_side``, each timed sample follows untimed calls at its own count, and
-    each repeat starts one count further on.
-    """
+    """Seconds per call of ``run`` at each of ``thread_counts``, one sample per repeat:
+    ``sample_side_by_side`` with the counts for contenders, each set by ``numba.set_num_threads``
+    before its calls (the caller's count restored after)."""
     previous = numba.get_num_threads()
     try:
-        run()  # compile
-        numba.set_num_threads(thread_counts[0])
-        _warm_up(run, WARM_UP_SECONDS)
-        start = time.perf_counter()
-        run()
-        single = max(time.perf_counter() - start, 1e-7)
-        number = max(1, math.ceil(MIN_MEASUREMENT_SECONDS / single))
-        samples: dict[int, list[float]] = {count: [] for count in thread_counts}
-        for repeat_index in range(repeat):
-            shift = repeat_index % len(thread_counts)
-            for count in [*thread_counts[shift:], *thread_counts[:shift]]:
-                numba.set_num_threads(count)
-                _warm_up(run, WARM_UP_SECONDS)
-                start = time.perf_counter()
-                for _ in range(number):
-                    run()
-                samples[count].append((time.perf_counter() - start) / number)
+        return sample_side_by_side(
+            {count: run for count in thread_counts}, repeat, prepare=numba.set_num_threads
+        )
     finally:
         numba.set_num_threads(previous)
-    return samples
 
 
 def run_scaling(
@@ -300,7 +290,6 @@ def time_startup(repeat: int = 7) -> dict[str, Any]:
     samples: dict[str, list[float]] = {
         key: [] for key in ("baseline", "nbgn", "baseline_wall", "nbgn_wall", *STARTUP_PARTS)
     }
-    in_process_ratios, wall_ratios = [], []
     for repeat_index in range(repeat):
         first, second = (STARTUP_BASELINE, STARTUP_NBGN)
         order = (first, second) if repeat_index % 2 == 0 else (second, first)
@@ -313,8 +302,6 @@ def time_startup(repeat: int = 7) -> dict[str, Any]:
         samples["nbgn"].append(sum(parts))
         samples["baseline_wall"].append(baseline_wall)
         samples["nbgn_wall"].append(nbgn_wall)
-        in_process_ratios.append(sum(parts) / baseline)
-        wall_ratios.append(nbgn_wall / baseline_wall)
     medians = {key: statistics.median(values) for key, values in samples.items()}
     return {
         "machine": machine(),
@@ -322,10 +309,10 @@ def time_startup(repeat: int = 7) -> dict[str, Any]:
         "startup": {
             "in_process": {"baseline_seconds": medians["baseline"],
                            "nbgn_seconds": medians["nbgn"],
-                           "ratio": statistics.median(in_process_ratios)},
+                           "ratio": paired_ratio(samples, "nbgn", "baseline")},
             "whole_process": {"baseline_seconds": medians["baseline_wall"],
                               "nbgn_seconds": medians["nbgn_wall"],
-                              "ratio": statistics.median(wall_ratios)},
+                              "ratio": paired_ratio(samples, "nbgn_wall", "baseline_wall")},
             "parts": {key: medians[key] for key in STARTUP_PARTS},
         },
     }  # fmt: skip

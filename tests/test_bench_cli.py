@@ -136,8 +136,9 @@ def test_thread_scaling_times_each_count_in_turn_and_restores_threads(monkeypatc
     assert all(len(values) == 4 * counts.count(count) for count, values in samples.items())
     assert all(seconds > 0 for values in samples.values() for seconds in values)
     assert numba.get_num_threads() == before
-    # compile, warm-up and sizing calls, then per repeat and count: a warm-up call, a timed call.
-    timed = calls[3:]
+    # A compile call per count, the sizing warm-up and call, then per repeat and count: a warm-up
+    # call, a timed call.
+    timed = calls[len(counts) + 2 :]
     assert len(timed) == 2 * 4 * len(counts)
     pairs = [timed[k : k + 2] for k in range(0, len(timed), 2)]
     assert all(warm == measured for warm, measured in pairs)
