@@ -31,7 +31,8 @@ import math
 from typing import NamedTuple
 
 from . import _threading
-from .kernels.nchw import SHORT_SLAB
+from .kernels.nchw import SHORT_SLAB, windows_fit
+from .kernels.simd import host_window_lanes
 
 #: Below this many elements a parallel launch costs more than it saves (measured: ~3 us launch,
 #: ~4 us for 32K elements on one core).
@@ -121,6 +122,8 @@ def channel_patterns(
     which ``nchw.normalize_short_slabs`` takes in batches (one thread, (64, 512)/32: 85 -> 28 us;
     (8, 256, 4, 4)/32: 14 -> 11 us).
     """
+    if windows_fit(host_window_lanes(itemsize), channels_per_group, spatial):
+        return False
     return (
         itemsize == 4
         and spatial <= PATTERN_MAX_SPATIAL

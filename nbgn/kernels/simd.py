@@ -32,10 +32,13 @@ import functools
 from pathlib import Path
 
 import numba
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
+
+from .moments import cast_like
 
 
 def _compiles_for_host() -> bool:
@@ -256,6 +259,192 @@ def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficient
         return context.get_dummy_value()
 
     return signature, codegen
+
+
+def _window_permute(vector_bytes, itemsize):
+    """``(lanes, name)`` of the x86 instruction that permutes a vector of ``lanes`` values by a
+    vector of lane numbers (``vpermps``/``vpermpd``) for the host's vectors, or ``(0, None)`` where
+    there is none: 16-byte vectors, and float64 without AVX-512."""
+    if vector_bytes == 64:
+        return 64 // itemsize, ("llvm.x86.avx512.permvar.sf.512" if itemsize == 4
+                                else "llvm.x86.avx512.permvar.df.512")  # fmt: skip
+    if vector_bytes == 32 and itemsize == 4:
+        return 8, "llvm.x86.avx2.permps"
+    return 0, None
+
+
+@intrinsic
+def _apply_channel_windows(typingctx, x, out, start, num_windows, spatial, center, residual, rstd,
+                           weight, bias, first_channel, lane_channels):  # fmt: skip
+    if not _float_input_and_output(x, out):
+        return None
+    if any(not isinstance(a, types.Array) or a.dtype != x.dtype for a in (weight, bias)):
+        return None
+    if not isinstance(lane_channels, types.Array) or lane_channels.dtype != types.int32:
+        return None
+    if not window_lanes_of(x.dtype):
+        return None
+    signature = types.void(x, out, types.intp, types.intp, types.intp, x.dtype, types.float64,
+                           types.float64, weight, bias, types.intp, lane_channels)  # fmt: skip
+    in_place = isinstance(out, types.NoneType)
+
+    def codegen(context, builder, sig, args):
+        x_array = context.make_array(sig.args[0])(context, builder, args[0])
+        target = x_array if in_place else context.make_array(sig.args[1])(context, builder, args[1])
+        weight_array, bias_array, table = (
+            context.make_array(sig.args[k])(context, builder, args[k]) for k in (8, 9, 11)
+        )
+        first, num_windows, spatial, center, residual, rstd, first_channel = (
+            args[2], args[3], args[4], args[5], args[6], args[7], args[10]
+        )
+        element = context.get_data_type(sig.args[0].dtype)
+        itemsize = context.get_abi_sizeof(element)
+        lanes, name = _window_permute(_host_row_limits()[0], itemsize)
+        intp = context.get_value_type(types.intp)
+        int32 = ir.IntType(32)
+        double = ir.DoubleType()
+        vector_type = ir.VectorType(element, lanes)
+        vector_pointer = vector_type.as_pointer()
+        wide_type = ir.VectorType(double, lanes)
+        table_type = ir.VectorType(int32, lanes)
+        index_type = ir.VectorType(ir.IntType(8 * itemsize), lanes)
+        permute = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(vector_type, [vector_type, index_type]), name
+        )
+        centers = _splat(builder, center, vector_type, int32)
+        scale_factor = _splat(builder, rstd, wide_type, int32)
+        shift_factor = _splat(builder, residual, wide_type, int32)
+        window_length = builder.mul(ir.Constant(intp, lanes), spatial)
+
+        def window_body(counter, _):
+            # The last window first (see moments.apply_reversed).
+            window = builder.sub(builder.sub(num_windows, ir.Constant(intp, 1)), counter)
+            channel = builder.add(first_channel, builder.mul(window, ir.Constant(intp, lanes)))
+            # moments.fold_channel for the window's channels, in float64 as there (no fma).
+            weights = _load_as(builder, weight_array, channel, lanes, element, wide_type, intp)
+            biases = _load_as(builder, bias_array, channel, lanes, element, wide_type, intp)
+            wide_scale = builder.fmul(scale_factor, weights)
+            wide_shift = builder.fsub(biases, builder.fmul(shift_factor, wide_scale))
+            scale = _converted(builder, wide_scale, double, vector_type)
+            shift = _converted(builder, wide_shift, double, vector_type)
+            window_start = builder.add(first, builder.mul(window, window_length))
+
+            def vector_body(step, _):
+                offset = builder.mul(step, ir.Constant(intp, lanes))
+                index = builder.add(window_start, offset)
+                pointer = builder.bitcast(builder.gep(table.data, [offset]),
+                                          table_type.as_pointer())  # fmt: skip
+                channels = builder.load(pointer, align=4)
+                if index_type != table_type:
+                    channels = builder.sext(channels, index_type)
+                value = builder.load(_vector_at(builder, x_array, index, vector_pointer),
+                                     align=itemsize)  # fmt: skip
+                centered = builder.fsub(value, centers)
+                scaled = builder.fmul(centered, builder.call(permute, [scale, channels]),
+                                      flags=("contract",))  # fmt: skip
+                result = builder.fadd(scaled, builder.call(permute, [shift, channels]),
+                                      flags=("contract",))  # fmt: skip
+                builder.store(result, _vector_at(builder, target, index, vector_pointer),
+                              align=itemsize)  # fmt: skip
+                return []
+
+            _counted_loop(builder, "windows.vectors", spatial, [], vector_body, intp)
+            return []
+
+        _counted_loop(builder, "windows", num_windows, [], window_body, intp)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def host_window_lanes(itemsize: int) -> int:
+    """``window_lanes`` for values of ``itemsize`` bytes, from Python."""
+    return _window_permute(_host_row_limits()[0], itemsize)[0]
+
+
+def window_lanes(x):
+    """Channels per window of ``apply_channel_windows`` for ``x``'s dtype on this host (a vector's
+    values), or 0 where the host has no permute for them (see ``_window_permute``)."""
+
+
+@overload(window_lanes, inline="always")
+def _window_lanes(x):
+    lanes = window_lanes_of(x.dtype)
+    return lambda x: lanes
+
+
+def window_lanes_of(dtype) -> int:
+    """``window_lanes`` for a Numba float ``dtype``."""
+    return host_window_lanes(dtype.bitwidth // 8)
+
+
+@numba.njit(inline="always")
+def window_table(x, spatial):
+    """The lane channels of ``apply_channel_windows``: ``table[j * lanes + i] = (j * lanes + i) //
+    spatial``, the channel (within a window) of lane ``i`` of a window's ``j``-th vector; int32,
+    64-byte aligned (one vector load a vector of ``x``)."""
+    lanes = max(window_lanes(x), 1)
+    size = spatial * lanes
+    raw = np.empty(size + 16, np.int32)
+    skip = (-raw.ctypes.data) % 64 // 4
+    table = raw[skip : skip + size]
+    channel = 0
+    position = 0
+    for k in range(size):  # k // spatial, without a division a value
+        if position == spatial:
+            channel += 1
+            position = 0
+        table[k] = channel
+        position += 1
+    return table
+
+
+def apply_channel_windows(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight,
+                          bias, first_channel, table):  # fmt: skip
+    """Normalize ``num_channels`` runs of ``spatial`` values from flat ``x[start]`` (a group's
+    channels, ``first_channel`` indexing ``weight`` and ``bias``), ``window_lanes(x)`` channels at
+    a time (``out=None``: in place), with ``moments.fold_channel``'s coefficients.
+
+    A window of ``lanes`` channels is ``spatial`` whole vectors, however long a channel is. Each
+    vector takes its lanes' scales and shifts from two registers holding the window's, permuted
+    by a vector of lane channels (``table``, from ``window_table``): one load of ``x`` and one of
+    the table a vector, where per-value patterns of weight and bias load two more (and the
+    channel's own loops of a few dozen values pay their setup and tail). ``num_channels`` is
+    whole windows; a host without the permutes (``window_lanes(x) == 0``) raises.
+    """
+
+
+@overload(apply_channel_windows, inline="always")
+def _apply_channel_windows_checked(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd,
+                                   weight, bias, first_channel, table):  # fmt: skip
+    if not window_lanes_of(x.dtype):
+
+        def refuse(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
+                   first_channel, table):  # fmt: skip
+            raise ValueError("apply_channel_windows: this host has no permutes for this dtype")
+
+        return refuse
+
+    def apply(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
+              first_channel, table):  # fmt: skip
+        lanes = window_lanes(x)
+        if (
+            num_channels % lanes
+            or spatial < 1
+            or table.size < spatial * lanes
+            or start < 0
+            or start + num_channels * spatial > x.size
+            or not _fits_output(x, out)
+            or first_channel < 0
+            or first_channel + num_channels > min(weight.size, bias.size)
+        ):
+            raise ValueError("apply_channel_windows: not whole windows, or out of bounds")
+        center = cast_like(mean_hi, x)
+        residual = (mean_hi - np.float64(center)) + mean_lo
+        _apply_channel_windows(x, out, start, num_channels // lanes, spatial, center, residual,
+                               rstd, weight, bias, first_channel, table)  # fmt: skip
+
+    return apply
 
 
 #: Vectors per group that ``apply_group_rows`` takes (one code path each): groups of up to 128
