@@ -13,7 +13,7 @@ from reference import (
 
 import nbgn
 from nbgn import _schedule
-from nbgn.kernels import nchw, nhwc
+from nbgn.kernels import nchw, nhwc, simd
 
 SHAPES = [(3, 8), (2, 8, 5), (2, 8, 5, 6), (2, 8, 3, 4, 5)]  # (N, C, *spatial), 0 to 3 spatial dims
 DTYPES = [np.float32, np.float64]
@@ -436,6 +436,48 @@ def test_channel_patterns_path(rng, shape, groups):
     np.testing.assert_allclose(result, expected, atol=tolerance(np.float32))
     nbgn.group_norm(x, groups, weight, bias, eps=0.0, out=x)
     np.testing.assert_allclose(x, expected, atol=tolerance(np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [
+        ((16, 2048, 7, 7), 32),  # late layers: windows of 16 float32 or 8 float64 channels
+        ((5, 256, 3, 3), 8),  # channels shorter than a vector: a vector spans several
+        ((3, 64, 8, 8), 2),  # WINDOW_MAX_SPATIAL values, the longest
+        ((3, 2048), 4),  # no spatial dims: a window is one vector
+        ((3, 96, 5, 5), 2),  # float32: 3 windows a group, float64: 6
+    ],
+)
+def test_channel_windows_path(rng, shape, groups, dtype):
+    """NCHW with short channels, whole windows of them a group, per-channel weights: the
+    permuting kernel (simd.apply_channel_windows) where the host has it, in place and not, far
+    from zero, with a constant group (exactly bias, eps=0), a NaN group (all NaN) and a group
+    whose channels share one weight (one segment) among normal ones."""
+    n, c = shape[:2]
+    per_group = c // groups
+    spatial = int(np.prod(shape[2:]))
+    itemsize = np.dtype(dtype).itemsize
+    if simd.host_window_lanes(itemsize):
+        assert nchw.windows_fit(simd.host_window_lanes(itemsize), per_group, spatial)
+        assert not _schedule.channel_patterns(n, per_group, spatial, itemsize)
+    x = make_input(shape, "NCHW", dtype, rng, offset=3e3)
+    x[1, :per_group] = 7.25  # sample 1, group 0: constant
+    x[2, per_group + 3, ...] = np.nan  # sample 2, group 1
+    weight, bias = _affine(rng, c, True)
+    weight[-per_group:] = 1.5  # the last group: one weight and bias
+    bias[-per_group:] = -0.25
+    expected = reference_group_norm(x, groups, weight, bias, 0.0, "NCHW")
+    constant = np.broadcast_to(bias[:per_group].reshape((-1,) + (1,) * len(shape[2:])),
+                               (per_group, *shape[2:]))  # fmt: skip
+    expected[1, :per_group] = constant
+    nan_values = per_group * spatial
+    for result in (nbgn.group_norm(x, groups, weight, bias, eps=0.0),
+                   nbgn.group_norm(x, groups, weight, bias, eps=0.0, out=x)):  # fmt: skip
+        np.testing.assert_array_equal(result[1, :per_group], constant.astype(dtype))
+        assert np.isnan(result[2, per_group : 2 * per_group]).all()
+        assert np.isnan(result).sum() == nan_values
+        np.testing.assert_allclose(result, expected, atol=tolerance(dtype))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
