@@ -17,8 +17,10 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
 - In place, units larger than a core's L2 (``COOPERATIVE_BYTES``) are normalized one after the
   other by all threads together, a part each, waiting for each other's moments once a unit: each
   thread's second read then comes from its own L2 rather than from L3 or memory.
-- NCHW float32 slabs of many short channels with their own weights go through per-group weight
-  patterns (``channel_patterns``): one flat loop per slab instead of one per channel.
+- NCHW slabs of short channels with their own weights, whole windows of a vector's worth of
+  channels, go a window at a time with permuted coefficients (``nchw.windows_fit``); other float32
+  slabs of many short channels go through per-group weight patterns (``channel_patterns``): one
+  flat loop per slab instead of one per channel.
 - NCHW slabs of at most ``nchw.SHORT_SLAB`` values (spatial dimensions of a few values, or none)
   are normalized in batches (``nchw.normalize_short_slabs``): a short slab costs the latency of its
   divisions and square root, which a batch overlaps.
@@ -120,7 +122,8 @@ def channel_patterns(
     extra loads cost more than the loop setup saves) nor for channels beyond
     ``PATTERN_MAX_SPATIAL`` values (196: slower), nor for slabs of at most ``SHORT_SLAB`` values,
     which ``nchw.normalize_short_slabs`` takes in batches (one thread, (64, 512)/32: 85 -> 28 us;
-    (8, 256, 4, 4)/32: 14 -> 11 us).
+    (8, 256, 4, 4)/32: 14 -> 11 us). Nor where the channels fit ``nchw.windows_fit``: the windows
+    load no pattern (the late layers above: 0.63-0.70 of the patterned kernel's time in place).
     """
     if windows_fit(host_window_lanes(itemsize), channels_per_group, spatial):
         return False

@@ -328,11 +328,13 @@ def test_apply_group_rows_refuse_bad_layouts_before_writing():
     np.testing.assert_array_equal(out, 2.0)
 
 
-_apply_channel_windows = numba.njit(
-    lambda x, out, start, channels, spatial, mean_hi, mean_lo, rstd, weight, bias, first, table:
+@numba.njit
+def _apply_channel_windows(x, out, start, channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
+                           first, table):  # fmt: skip
     simd.apply_channel_windows(x, out, start, channels, spatial, mean_hi, mean_lo, rstd, weight,
                                bias, first, table)  # fmt: skip
-)
+
+
 _window_table = numba.njit(lambda x, spatial: simd.window_table(x, spatial))
 
 

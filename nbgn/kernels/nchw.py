@@ -8,8 +8,10 @@ loop has no runtime alias check between input and output.
 Parallel loops only call functions compiled on their own (``normalize_slabs``,
 ``normalize_slabs_patterned``, ``part_moments``, ``apply_part``, ``normalize_slabs_together``): the
 same code inlined into a ``prange`` body ran at half the speed. A group whose channels share one
-weight and bias is normalized as one segment; otherwise a channel at a time: channels of a vector
-to ``SHORT_CHANNEL`` values by ``simd.apply_channels``, shorter ones as rows of a 2-D view
+weight and bias is normalized as one segment; channels of at most ``WINDOW_MAX_SPATIAL`` values
+in whole windows of a vector's worth of channels a window at a time (``simd.apply_channel_windows``);
+otherwise a channel at a time: channels of a vector to ``SHORT_CHANNEL`` values by
+``simd.apply_channels``, shorter ones as rows of a 2-D view
 (``normalize_rows``), and many short float32 channels of several samples by a flat loop against
 per-group patterns of weight and bias. In place, slabs larger than a core's L2 go one after the
 other, each by all threads together (``group_norm_cooperative``).

@@ -17,6 +17,12 @@ broadcasts a channel's coefficients and runs through it in whole vectors, the la
 channel's last value (overlapping the one before it when the vectors do not divide the run): one
 thread, in place, (1, 1024, 7, 7)/32 took 8.4 us against 11.4.
 
+Shorter channels whose group is whole windows of a vector's worth of channels take
+``apply_channel_windows``: the window's scales and shifts in two registers, permuted into each vector
+of ``x`` by a table of lane channels. Its loop loads ``x`` and the table, where a flat loop against
+per-value patterns of weight and bias loads two more per vector: streaming from L3 on one thread,
+the late layers' normalization took 123 us against 174 for the pattern loop and 102 for ``x *= a``.
+
 The channels-last moments sum ``x - pivot`` and its square per lane. Where a row of whole vectors
 is short enough (``_sum_row_vectors``), ``lane_sums_in_registers`` keeps both sums of a row's
 lanes in registers across rows, adding them to the lanes in memory every ``SPILL_ROWS`` rows: one
@@ -294,9 +300,8 @@ def _apply_channel_windows(typingctx, x, out, start, num_windows, spatial, cente
         weight_array, bias_array, table = (
             context.make_array(sig.args[k])(context, builder, args[k]) for k in (8, 9, 11)
         )
-        first, num_windows, spatial, center, residual, rstd, first_channel = (
-            args[2], args[3], args[4], args[5], args[6], args[7], args[10]
-        )
+        first, num_windows, spatial, center, residual, rstd = args[2:8]
+        first_channel = args[10]
         element = context.get_data_type(sig.args[0].dtype)
         itemsize = context.get_abi_sizeof(element)
         lanes, name = _window_permute(_host_row_limits()[0], itemsize)
