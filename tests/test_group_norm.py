@@ -445,7 +445,9 @@ def test_channel_patterns_path(rng, shape, groups):
         ((16, 2048, 7, 7), 32),  # late layers: windows of 16 float32 or 8 float64 channels
         ((5, 256, 3, 3), 8),  # channels shorter than a vector: a vector spans several
         ((3, 64, 8, 8), 2),  # WINDOW_MAX_SPATIAL values, the longest
-        ((3, 2048), 4),  # no spatial dims: a window is one vector
+        ((16, 512, 3, 3), 32),  # slabs of 144 values: the short-slab kernel
+        ((8, 1024, 2, 2), 32),  # slabs of 128, channels of 4
+        ((9, 512, 2), 32),  # slabs of 32, channels of 2 (the shortest)
         ((3, 96, 5, 5), 2),  # float32: 3 windows a group, float64: 6
     ],
 )

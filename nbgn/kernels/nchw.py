@@ -9,7 +9,8 @@ Parallel loops only call functions compiled on their own (``normalize_slabs``,
 ``normalize_slabs_patterned``, ``part_moments``, ``apply_part``, ``normalize_slabs_together``): the
 same code inlined into a ``prange`` body ran at half the speed. A group whose channels share one
 weight and bias is normalized as one segment; channels of at most ``WINDOW_MAX_SPATIAL`` values
-in whole windows of a vector's worth of channels a window at a time (``simd.apply_channel_windows``);
+in whole windows of a vector's worth of channels a window at a time (``simd.apply_channel_windows``,
+short slabs too);
 otherwise a channel at a time: channels of a vector to ``SHORT_CHANNEL`` values by
 ``simd.apply_channels``, shorter ones as rows of a 2-D view
 (``normalize_rows``), and many short float32 channels of several samples by a flat loop against
@@ -172,8 +173,9 @@ def normalize_segment(x, out, slab_start, slab_length, channel, mean_hi, mean_lo
 #: for (1, 256, 28, 28)/32 on one thread) and handles the shorter ones.
 SHORT_CHANNEL = 256
 
-#: Channels of at most this many values, in groups of whole windows, are normalized by
-#: ``simd.apply_channel_windows``. Longer ones lose more to the permutes and the larger table than
+#: Channels of 2 to this many values, in groups of whole windows, are normalized by
+#: ``simd.apply_channel_windows`` (one value a channel is a flat loop against the weights already,
+#: ``normalize_values``: windows of single vectors took 1.6-2.0x its time). Longer ones lose more to the permutes and the larger table than
 #: they save on each channel's setup: in place, two threads, against the paths before windows:
 #: (16, 2048, 7, 7)/32 0.68-0.70 of the time, (8, 1024, 3, 3)/32 0.66-0.72, but (4, 512, 16,
 #: 16)/32 float32 1.09-1.11 and (2, 64, 10, 10)/4 1.15-1.22.
@@ -183,9 +185,9 @@ WINDOW_MAX_SPATIAL = 64
 @register_jitable
 def windows_fit(lanes, channels_per_group, spatial):
     """Whether a group's channels go through ``simd.apply_channel_windows`` on a host whose
-    windows are ``lanes`` channels (0: none): whole windows of channels of at most
+    windows are ``lanes`` channels (0: none): whole windows of channels of 2 to
     ``WINDOW_MAX_SPATIAL`` values."""
-    return lanes > 0 and channels_per_group % lanes == 0 and spatial <= WINDOW_MAX_SPATIAL
+    return lanes > 0 and channels_per_group % lanes == 0 and 1 < spatial <= WINDOW_MAX_SPATIAL
 
 
 #: Slabs of at most this many values take ``normalize_short_slabs``.
@@ -193,6 +195,16 @@ SHORT_SLAB = 256
 
 #: Short slabs whose moments are summed, then finished, then applied together.
 SHORT_BATCH = 64
+
+
+@numba.njit(cache=True)
+def normalize_windows(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
+                      first_channel, table):  # fmt: skip
+    """``simd.apply_channel_windows``, compiled on its own: inlined into
+    ``normalize_short_slabs``, it slowed that kernel's other paths (one value a channel: 36-43 us
+    became 62-69 for (64, 512)/32 float32 on one thread), so it is a call in both slab kernels."""
+    apply_channel_windows(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight,
+                          bias, first_channel, table)  # fmt: skip
 
 
 @numba.njit(cache=True)
@@ -216,6 +228,8 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
     # Per slab of a batch: its sums (s1, s2), then its (mean_hi, mean_lo, rstd). One allocation:
     # a tiny call's three took a seventh of its kernel time.
     scratch = np.empty((min(SHORT_BATCH, stop_slab - first_slab), 3))
+    windows = windows_fit(window_lanes(x), channels_per_group, spatial)
+    table = window_table(x, spatial if windows else 1)
     for batch_start in range(first_slab, stop_slab, SHORT_BATCH):
         batch = min(SHORT_BATCH, stop_slab - batch_start)
         for i in range(batch):
@@ -247,6 +261,10 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
             mean_lo = scratch[i, 1]
             rstd = scratch[i, 2]
             first_channel = (slab % num_groups) * channels_per_group
+            if windows:
+                normalize_windows(x, out, slab_start, channels_per_group, spatial, mean_hi,
+                                  mean_lo, rstd, weight, bias, first_channel, table)  # fmt: skip
+                continue
             if spatial == 1:
                 normalize_values(x, out, slab_start, first_channel, channels_per_group, mean_hi,
                                  mean_lo, rstd, weight, bias)  # fmt: skip
@@ -283,8 +301,8 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
             normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
                               rstd, weight, bias)  # fmt: skip
         elif windows:
-            apply_channel_windows(x, out, slab_start, channels_per_group, spatial, mean_hi,
-                                  mean_lo, rstd, weight, bias, first_channel, table)  # fmt: skip
+            normalize_windows(x, out, slab_start, channels_per_group, spatial, mean_hi, mean_lo,
+                              rstd, weight, bias, first_channel, table)  # fmt: skip
         elif spatial == 1:
             normalize_values(x, out, slab_start, first_channel, channels_per_group, mean_hi,
                              mean_lo, rstd, weight, bias)  # fmt: skip
