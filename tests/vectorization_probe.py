@@ -11,7 +11,7 @@ import re
 
 import numpy as np
 
-from nbgn.kernels import moments, nchw, nhwc
+from nbgn.kernels import moments, nchw, nhwc, simd
 
 #: Packed floating-point arithmetic on 256- or 512-bit registers: vfmadd231ps %zmm..., vaddpd ...
 PACKED = re.compile(r"\bv(?:fn?m(?:add|sub)\d*|add|sub|mul)p[sd]\s[^\n]*%[yz]mm")
@@ -52,6 +52,16 @@ def main():
             counts[f"nchw.normalize_pair_against [{name}, {variant}]"] = packed_count(
                 nchw.normalize_pair_against
             )
+        # The channel windows: 16 channels of 49 values (float32 one window with AVX-512,
+        # float64 two); a host without permutes for a dtype has no window kernel for it.
+        if simd.host_window_lanes(np.dtype(dtype).itemsize):
+            table = simd.window_table(patterned, 49)
+            for variant, out in (("in place", None), ("out", np.empty_like(patterned))):
+                nchw.normalize_windows(patterned.copy(), out, 0, 16, 49, 0.5, 0.0, 2.0, weight16,
+                                       bias16, 0, table)  # fmt: skip
+                counts[f"nchw.normalize_windows [{name}, {variant}]"] = packed_count(
+                    nchw.normalize_windows
+                )
         nchw.normalize_rows(x.copy(), None, 0, 64, 0, 8, 0.5, 0.0, 2.0, weight, bias,
                             np.empty((8, 3), dtype))  # fmt: skip
         counts[f"nchw.normalize_rows [{name}, in place]"] = packed_count(nchw.normalize_rows)
