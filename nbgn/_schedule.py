@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 from . import _threading
 from .kernels.nchw import SHORT_SLAB, windows_fit
-from .kernels.simd import host_window_lanes
+from .kernels.simd import host_window_widths
 
 #: Below this many elements a parallel launch costs more than it saves (measured: ~3 us launch,
 #: ~4 us for 32K elements on one core).
@@ -125,7 +125,7 @@ def channel_patterns(
     (8, 256, 4, 4)/32: 14 -> 11 us). Nor where the channels fit ``nchw.windows_fit``: the windows
     load no pattern (the late layers above: 0.63-0.70 of the patterned kernel's time in place).
     """
-    if windows_fit(host_window_lanes(itemsize), channels_per_group, spatial):
+    if windows_fit(host_window_widths(itemsize)[0], channels_per_group, spatial):
         return False
     return (
         itemsize == 4

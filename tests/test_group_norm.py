@@ -448,6 +448,7 @@ def test_channel_patterns_path(rng, shape, groups):
         ((16, 512, 3, 3), 32),  # slabs of 144 values: the short-slab kernel
         ((8, 1024, 2, 2), 32),  # slabs of 128, channels of 4
         ((9, 512, 2), 32),  # slabs of 32, channels of 2 (the shortest)
+        ((8, 256, 3, 3), 32),  # short slabs of 8 channels: float32 windows of half a vector
         ((3, 96, 5, 5), 2),  # float32: 3 windows a group, float64: 6
     ],
 )
@@ -460,8 +461,8 @@ def test_channel_windows_path(rng, shape, groups, dtype):
     per_group = c // groups
     spatial = int(np.prod(shape[2:]))
     itemsize = np.dtype(dtype).itemsize
-    if simd.host_window_lanes(itemsize):
-        assert nchw.windows_fit(simd.host_window_lanes(itemsize), per_group, spatial)
+    wide = simd.host_window_widths(itemsize)[0]
+    if wide and nchw.windows_fit(wide, per_group, spatial):
         assert not _schedule.channel_patterns(n, per_group, spatial, itemsize)
     x = make_input(shape, "NCHW", dtype, rng, offset=3e3)
     x[1, :per_group] = 7.25  # sample 1, group 0: constant

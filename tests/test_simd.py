@@ -330,77 +330,84 @@ def test_apply_group_rows_refuse_bad_layouts_before_writing():
 
 @numba.njit
 def _apply_channel_windows(x, out, start, channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
-                           first, table):  # fmt: skip
+                           first, table, lanes):  # fmt: skip
     simd.apply_channel_windows(x, out, start, channels, spatial, mean_hi, mean_lo, rstd, weight,
-                               bias, first, table)  # fmt: skip
+                               bias, first, table, lanes)  # fmt: skip
 
 
-_window_table = numba.njit(lambda x, spatial: simd.window_table(x, spatial))
+_window_table = numba.njit(lambda spatial, lanes: simd.window_table(spatial, lanes))
 
 
-def _needs_windows(dtype):
-    if not simd.host_window_lanes(np.dtype(dtype).itemsize):
+def _window_widths(dtype):
+    """The host's window widths for ``dtype`` (skips where it has none)."""
+    widths = [w for w in simd.host_window_widths(np.dtype(dtype).itemsize) if w]
+    if not widths:
         pytest.skip("this host has no vector permutes for this dtype")
-    return simd.host_window_lanes(np.dtype(dtype).itemsize)
+    return widths
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("in_place", [False, True])
 def test_apply_channel_windows_match_numpy(dtype, in_place):
     """Channel ``k`` of the run takes ``fold_channel`` of weight and bias ``first + k`` (computed
-    here in float64 from the same mean and rstd); channels shorter than a vector, of one, and of
-    odd lengths; one and several windows; a start past zero; nothing outside the run written."""
-    lanes = _needs_windows(dtype)
+    here in float64 from the same mean and rstd); every window width of the host (a vector's
+    channels, and half a vector's where it has the permute); channels shorter than a vector, of
+    one, and of odd lengths; one and several windows; a start past zero; nothing outside the run
+    written."""
     rng = np.random.default_rng(11)
     tolerance = 1e-5 if dtype == np.float32 else 1e-13
-    for spatial in (1, 3, 9, 16, 17, 49, 64):
-        table = _window_table(np.zeros(1, dtype), spatial)
-        assert table.ctypes.data % 64 == 0
-        np.testing.assert_array_equal(table, np.arange(spatial * lanes) // spatial)
-        for windows in (1, 3):
-            channels, start, first = windows * lanes, 5, 3
-            length = channels * spatial
-            x = (rng.standard_normal(start + length + 7) * 2 + 40).astype(dtype)
-            weight = rng.standard_normal(first + channels + 2).astype(dtype)
-            bias = rng.standard_normal(first + channels + 2).astype(dtype)
-            mean_hi, mean_lo, rstd = 40.123456789, 1e-15, 0.4871
-            run = x[start : start + length].astype(np.float64).reshape(channels, spatial)
-            w = weight[first : first + channels, None].astype(np.float64)
-            b = bias[first : first + channels, None].astype(np.float64)
-            expected = (run - (mean_hi + mean_lo)) * rstd * w + b
-            source = x.copy()
-            out = None if in_place else np.full_like(x, np.nan)
-            _apply_channel_windows(source, out, start, channels, spatial, mean_hi, mean_lo, rstd,
-                                   weight, bias, first, table)  # fmt: skip
-            result = source if in_place else out
-            got = result[start : start + length].reshape(channels, spatial)
-            np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
-            outside = np.r_[0:start, start + length : x.size]
-            if in_place:
-                np.testing.assert_array_equal(result[outside], x[outside])
-            else:
-                assert np.isnan(result[outside]).all()
+    for lanes in _window_widths(dtype):
+        for spatial in (1, 3, 9, 16, 17, 49, 64):
+            table = _window_table(spatial, lanes)
+            assert table.ctypes.data % 64 == 0
+            np.testing.assert_array_equal(table, np.arange(spatial * lanes) // spatial)
+            for windows in (1, 3):
+                channels, start, first = windows * lanes, 5, 3
+                length = channels * spatial
+                x = (rng.standard_normal(start + length + 7) * 2 + 40).astype(dtype)
+                weight = rng.standard_normal(first + channels + 2).astype(dtype)
+                bias = rng.standard_normal(first + channels + 2).astype(dtype)
+                mean_hi, mean_lo, rstd = 40.123456789, 1e-15, 0.4871
+                run = x[start : start + length].astype(np.float64).reshape(channels, spatial)
+                w = weight[first : first + channels, None].astype(np.float64)
+                b = bias[first : first + channels, None].astype(np.float64)
+                expected = (run - (mean_hi + mean_lo)) * rstd * w + b
+                source = x.copy()
+                out = None if in_place else np.full_like(x, np.nan)
+                _apply_channel_windows(source, out, start, channels, spatial, mean_hi, mean_lo,
+                                       rstd, weight, bias, first, table, lanes)  # fmt: skip
+                result = source if in_place else out
+                got = result[start : start + length].reshape(channels, spatial)
+                np.testing.assert_allclose(got, expected, rtol=tolerance, atol=tolerance)
+                outside = np.r_[0:start, start + length : x.size]
+                if in_place:
+                    np.testing.assert_array_equal(result[outside], x[outside])
+                else:
+                    assert np.isnan(result[outside]).all()
 
 
 def test_apply_channel_windows_refuse_bad_layouts_before_writing():
-    lanes = _needs_windows(np.float32)
+    lanes = _window_widths(np.float32)[0]
     spatial = 3
     x = np.ones(2 * lanes * spatial, np.float32)
     out = np.zeros_like(x)
     weight = np.ones(2 * lanes, np.float32)
-    table = _window_table(x, spatial)
-    for start, channels, first, target, lane_table in (
-        (0, lanes + 1, 0, out, table),  # not whole windows
-        (1, 2 * lanes, 0, out, table),  # one value past the end
-        (-1, lanes, 0, out, table),
-        (0, lanes, lanes + 1, out, table),  # past the weights
-        (0, lanes, -1, out, table),
-        (0, 2 * lanes, 0, out[:-1], table),  # out smaller than x
-        (0, lanes, 0, out, table[:-1]),  # a table too short for the channels' length
+    table = _window_table(spatial, lanes)
+    for start, channels, first, target, lane_table, width in (
+        (0, lanes + 1, 0, out, table, lanes),  # not whole windows
+        (1, 2 * lanes, 0, out, table, lanes),  # one value past the end
+        (-1, lanes, 0, out, table, lanes),
+        (0, lanes, lanes + 1, out, table, lanes),  # past the weights
+        (0, lanes, -1, out, table, lanes),
+        (0, 2 * lanes, 0, out[:-1], table, lanes),  # out smaller than x
+        (0, lanes, 0, out, table[:-1], lanes),  # a table too short for the channels' length
+        (0, lanes, 0, out, table, 0),  # no width
+        (0, lanes, 0, out, table, lanes // 4),  # a width the host has no permute for
     ):
         with pytest.raises(ValueError, match="apply_channel_windows"):
             _apply_channel_windows(x, target, start, channels, spatial, 0.5, 0.0, 2.0, weight,
-                                   weight, first, lane_table)  # fmt: skip
+                                   weight, first, lane_table, width)  # fmt: skip
     assert np.all(out == 0.0)
-    _apply_channel_windows(x, out, 0, 2 * lanes, spatial, 0.5, 0.0, 2.0, weight, weight, 0, table)
+    _apply_channel_windows(x, out, 0, 2 * lanes, spatial, 0.5, 0.0, 2.0, weight, weight, 0, table,
+                           lanes)  # fmt: skip
     np.testing.assert_array_equal(out, 2.0)  # (1 - 0.5) * 2 * 1 + 1, the largest that fits

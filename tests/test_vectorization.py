@@ -62,7 +62,7 @@ def test_every_kernel_was_probed(packed_counts):
     for kernel in FLOORS:
         dtypes = {name.split("[")[1].split()[0].rstrip(",]") for name in packed_counts
                   if name.startswith(kernel + " [")}  # fmt: skip
-        both = kernel != "nchw.normalize_windows" or simd.host_window_lanes(8)
+        both = kernel != "nchw.normalize_windows" or simd.host_window_widths(8)[0]
         assert dtypes == ({"float32", "float64"} if both else {"float32"}), kernel
     assert any("out]" in name for name in packed_counts)
 

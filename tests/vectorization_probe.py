@@ -54,11 +54,12 @@ def main():
             )
         # The channel windows: 16 channels of 49 values (float32 one window with AVX-512,
         # float64 two); a host without permutes for a dtype has no window kernel for it.
-        if simd.host_window_lanes(np.dtype(dtype).itemsize):
-            table = simd.window_table(patterned, 49)
+        lanes = simd.host_window_widths(np.dtype(dtype).itemsize)[0]
+        if lanes:
+            table = simd.window_table(49, lanes)
             for variant, out in (("in place", None), ("out", np.empty_like(patterned))):
                 nchw.normalize_windows(patterned.copy(), out, 0, 16, 49, 0.5, 0.0, 2.0, weight16,
-                                       bias16, 0, table)  # fmt: skip
+                                       bias16, 0, table, lanes)  # fmt: skip
                 counts[f"nchw.normalize_windows [{name}, {variant}]"] = packed_count(
                     nchw.normalize_windows
                 )

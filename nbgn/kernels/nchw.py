@@ -45,7 +45,7 @@ from .moments import (
     pivot_stands,
     shifted_sums,
 )
-from .simd import apply_channel_windows, apply_channels, channel_lanes, window_lanes, window_table
+from .simd import apply_channel_windows, apply_channels, channel_lanes, window_table, window_widths
 
 
 @numba.njit(inline="always")
@@ -174,11 +174,12 @@ def normalize_segment(x, out, slab_start, slab_length, channel, mean_hi, mean_lo
 SHORT_CHANNEL = 256
 
 #: Channels of 2 to this many values, in groups of whole windows, are normalized by
-#: ``simd.apply_channel_windows`` (one value a channel is a flat loop against the weights already,
-#: ``normalize_values``: windows of single vectors took 1.6-2.0x its time). Longer ones lose more to the permutes and the larger table than
-#: they save on each channel's setup: in place, two threads, against the paths before windows:
-#: (16, 2048, 7, 7)/32 0.68-0.70 of the time, (8, 1024, 3, 3)/32 0.66-0.72, but (4, 512, 16,
-#: 16)/32 float32 1.09-1.11 and (2, 64, 10, 10)/4 1.15-1.22.
+#: ``simd.apply_channel_windows``. One value a channel is a flat loop against the weights already
+#: (``normalize_values``): windows of single vectors took 1.6-2.0x its time. Longer channels lose
+#: more to the permutes and the larger table than they save on each channel's setup: in place,
+#: two threads, against the paths before windows: (16, 2048, 7, 7)/32 0.68-0.70 of the time,
+#: (8, 1024, 3, 3)/32 0.66-0.72, but (4, 512, 16, 16)/32 float32 1.09-1.11 and (2, 64, 10, 10)/4
+#: 1.15-1.22.
 WINDOW_MAX_SPATIAL = 64
 
 
@@ -199,12 +200,12 @@ SHORT_BATCH = 64
 
 @numba.njit(cache=True)
 def normalize_windows(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
-                      first_channel, table):  # fmt: skip
+                      first_channel, table, lanes):  # fmt: skip
     """``simd.apply_channel_windows``, compiled on its own: inlined into
     ``normalize_short_slabs``, it slowed that kernel's other paths (one value a channel: 36-43 us
     became 62-69 for (64, 512)/32 float32 on one thread), so it is a call in both slab kernels."""
     apply_channel_windows(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight,
-                          bias, first_channel, table)  # fmt: skip
+                          bias, first_channel, table, lanes)  # fmt: skip
 
 
 @numba.njit(cache=True)
@@ -228,8 +229,13 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
     # Per slab of a batch: its sums (s1, s2), then its (mean_hi, mean_lo, rstd). One allocation:
     # a tiny call's three took a seventh of its kernel time.
     scratch = np.empty((min(SHORT_BATCH, stop_slab - first_slab), 3))
-    windows = windows_fit(window_lanes(x), channels_per_group, spatial)
-    table = window_table(x, spatial if windows else 1)
+    # Half-vector windows too (8 float32 channels with AVX-512): a short slab's channels of a few
+    # values cost their loop setup each, where long slabs have the weight patterns instead.
+    wide, narrow = window_widths(x)
+    lanes = wide if windows_fit(wide, channels_per_group, spatial) else 0
+    if lanes == 0 and windows_fit(narrow, channels_per_group, spatial):
+        lanes = narrow
+    table = window_table(spatial if lanes else 1, max(lanes, 1))
     for batch_start in range(first_slab, stop_slab, SHORT_BATCH):
         batch = min(SHORT_BATCH, stop_slab - batch_start)
         for i in range(batch):
@@ -261,9 +267,10 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
             mean_lo = scratch[i, 1]
             rstd = scratch[i, 2]
             first_channel = (slab % num_groups) * channels_per_group
-            if windows:
+            if lanes:
                 normalize_windows(x, out, slab_start, channels_per_group, spatial, mean_hi,
-                                  mean_lo, rstd, weight, bias, first_channel, table)  # fmt: skip
+                                  mean_lo, rstd, weight, bias, first_channel, table,
+                                  lanes)  # fmt: skip
                 continue
             if spatial == 1:
                 normalize_values(x, out, slab_start, first_channel, channels_per_group, mean_hi,
@@ -291,8 +298,9 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
         return
     stats = np.empty((1, 3))
     coefficients = np.empty((3, channels_per_group), x.dtype)
-    windows = windows_fit(window_lanes(x), channels_per_group, spatial)
-    table = window_table(x, spatial if windows else 1)
+    lanes = window_widths(x)[0]
+    lanes = lanes if windows_fit(lanes, channels_per_group, spatial) else 0
+    table = window_table(spatial if lanes else 1, max(lanes, 1))
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
         mean_hi, mean_lo, rstd = slab_moments(x, slab_start, slab_length, stats, sum_type, eps)
@@ -300,9 +308,9 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
         if uniform_affine(weight, bias, first_channel, channels_per_group):
             normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
                               rstd, weight, bias)  # fmt: skip
-        elif windows:
+        elif lanes:
             normalize_windows(x, out, slab_start, channels_per_group, spatial, mean_hi, mean_lo,
-                              rstd, weight, bias, first_channel, table)  # fmt: skip
+                              rstd, weight, bias, first_channel, table, lanes)  # fmt: skip
         elif spatial == 1:
             normalize_values(x, out, slab_start, first_channel, channels_per_group, mean_hi,
                              mean_lo, rstd, weight, bias)  # fmt: skip

@@ -17,8 +17,8 @@ broadcasts a channel's coefficients and runs through it in whole vectors, the la
 channel's last value (overlapping the one before it when the vectors do not divide the run): one
 thread, in place, (1, 1024, 7, 7)/32 took 8.4 us against 11.4.
 
-Shorter channels whose group is whole windows of a vector's worth of channels take
-``apply_channel_windows``: the window's scales and shifts in two registers, permuted into each vector
+Shorter channels whose group is whole windows of a vector's (or half a vector's) worth of
+channels take ``apply_channel_windows``: the window's scales and shifts in two registers, permuted into each vector
 of ``x`` by a table of lane channels. Its loop loads ``x`` and the table, where a flat loop against
 per-value patterns of weight and bias loads two more per vector: streaming from L3 on one thread,
 the late layers' normalization took 123 us against 174 for the pattern loop and 102 for ``x *= a``.
@@ -267,28 +267,49 @@ def _apply_channels(typingctx, x, out, start, num_channels, spatial, coefficient
     return signature, codegen
 
 
-def _window_permute(vector_bytes, itemsize):
-    """``(lanes, name)`` of the x86 instruction that permutes a vector of ``lanes`` values by a
-    vector of lane numbers (``vpermps``/``vpermpd``) for the host's vectors, or ``(0, None)`` where
-    there is none: 16-byte vectors, and float64 without AVX-512."""
-    if vector_bytes == 64:
-        return 64 // itemsize, ("llvm.x86.avx512.permvar.sf.512" if itemsize == 4
-                                else "llvm.x86.avx512.permvar.df.512")  # fmt: skip
-    if vector_bytes == 32 and itemsize == 4:
-        return 8, "llvm.x86.avx2.permps"
-    return 0, None
+#: The x86 instructions that permute a vector of values by a vector of lane numbers
+#: (``vpermps``/``vpermpd``), by (vector bytes, itemsize): ``(lanes, LLVM intrinsic)``, a whole
+#: vector's first, then half of one where there is an instruction for it (none for 4 float64 lanes
+#: on ymm, which needs AVX-512VL, nor for 16-byte vectors).
+_PERMUTES = {
+    (64, 4): ((16, "llvm.x86.avx512.permvar.sf.512"), (8, "llvm.x86.avx2.permps")),
+    (64, 8): ((8, "llvm.x86.avx512.permvar.df.512"),),
+    (32, 4): ((8, "llvm.x86.avx2.permps"),),
+}
 
 
-@intrinsic
-def _apply_channel_windows(typingctx, x, out, start, num_windows, spatial, center, residual, rstd,
-                           weight, bias, first_channel, lane_channels):  # fmt: skip
+def host_window_widths(itemsize: int) -> tuple[int, int]:
+    """``(wide, narrow)``: channels per window of ``apply_channel_windows`` for values of
+    ``itemsize`` bytes on this host, a whole vector's and half a vector's (0 where the host has
+    no permute for them)."""
+    lanes = [count for count, _ in _PERMUTES.get((_host_row_limits()[0], itemsize), ())]
+    wide, narrow = [*lanes, 0, 0][:2]
+    return wide, narrow
+
+
+@functools.cache
+def _channel_windows_kernel(lanes):
+    """The LLVM IR loop of ``apply_channel_windows`` for windows of ``lanes`` channels (an
+    intrinsic a width)."""
+
+    @intrinsic
+    def kernel(typingctx, x, out, start, num_windows, spatial, center, residual, rstd, weight,
+               bias, first_channel, lane_channels):  # fmt: skip
+        return _channel_windows(lanes, x, out, weight, bias, lane_channels)
+
+    return kernel
+
+
+def _channel_windows(lanes, x, out, weight, bias, lane_channels):
+    """``(signature, codegen)`` of ``_channel_windows_kernel(lanes)``, or None where the types or
+    the host do not fit."""
     if not _float_input_and_output(x, out):
         return None
     if any(not isinstance(a, types.Array) or a.dtype != x.dtype for a in (weight, bias)):
         return None
     if not isinstance(lane_channels, types.Array) or lane_channels.dtype != types.int32:
         return None
-    if not window_lanes_of(x.dtype):
+    if lanes not in host_window_widths(x.dtype.bitwidth // 8):
         return None
     signature = types.void(x, out, types.intp, types.intp, types.intp, x.dtype, types.float64,
                            types.float64, weight, bias, types.intp, lane_channels)  # fmt: skip
@@ -304,7 +325,7 @@ def _apply_channel_windows(typingctx, x, out, start, num_windows, spatial, cente
         first_channel = args[10]
         element = context.get_data_type(sig.args[0].dtype)
         itemsize = context.get_abi_sizeof(element)
-        lanes, name = _window_permute(_host_row_limits()[0], itemsize)
+        name = dict(_PERMUTES[_host_row_limits()[0], itemsize])[lanes]
         intp = context.get_value_type(types.intp)
         int32 = ir.IntType(32)
         double = ir.DoubleType()
@@ -362,33 +383,21 @@ def _apply_channel_windows(typingctx, x, out, start, num_windows, spatial, cente
     return signature, codegen
 
 
-def host_window_lanes(itemsize: int) -> int:
-    """``window_lanes`` for values of ``itemsize`` bytes, from Python."""
-    return _window_permute(_host_row_limits()[0], itemsize)[0]
+def window_widths(x):
+    """``host_window_widths`` for ``x``'s dtype, constants of the compiled code."""
 
 
-def window_lanes(x):
-    """Channels per window of ``apply_channel_windows`` for ``x``'s dtype on this host (a vector's
-    values), or 0 where the host has no permute for them (see ``_window_permute``)."""
-
-
-@overload(window_lanes, inline="always")
-def _window_lanes(x):
-    lanes = window_lanes_of(x.dtype)
-    return lambda x: lanes
-
-
-def window_lanes_of(dtype) -> int:
-    """``window_lanes`` for a Numba float ``dtype``."""
-    return host_window_lanes(dtype.bitwidth // 8)
+@overload(window_widths, inline="always")
+def _window_widths(x):
+    widths = host_window_widths(x.dtype.bitwidth // 8)
+    return lambda x: widths
 
 
 @numba.njit(inline="always")
-def window_table(x, spatial):
+def window_table(spatial, lanes):
     """The lane channels of ``apply_channel_windows``: ``table[j * lanes + i] = (j * lanes + i) //
-    spatial``, the channel (within a window) of lane ``i`` of a window's ``j``-th vector; int32,
-    64-byte aligned (one vector load a vector of ``x``)."""
-    lanes = max(window_lanes(x), 1)
+    spatial``, the channel (within a window of ``lanes`` channels) of lane ``i`` of a window's
+    ``j``-th vector; int32, 64-byte aligned (one vector load a vector of ``x``)."""
     size = spatial * lanes
     raw = np.empty(size + 16, np.int32)
     skip = (-raw.ctypes.data) % 64 // 4
@@ -405,36 +414,43 @@ def window_table(x, spatial):
 
 
 def apply_channel_windows(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight,
-                          bias, first_channel, table):  # fmt: skip
+                          bias, first_channel, table, lanes):  # fmt: skip
     """Normalize ``num_channels`` runs of ``spatial`` values from flat ``x[start]`` (a group's
-    channels, ``first_channel`` indexing ``weight`` and ``bias``), ``window_lanes(x)`` channels at
-    a time (``out=None``: in place), with ``moments.fold_channel``'s coefficients.
+    channels, ``first_channel`` indexing ``weight`` and ``bias``), ``lanes`` channels at a time
+    (one of ``window_widths(x)``; ``out=None``: in place), with ``moments.fold_channel``'s
+    coefficients.
 
     A window of ``lanes`` channels is ``spatial`` whole vectors, however long a channel is. Each
     vector takes its lanes' scales and shifts from two registers holding the window's, permuted
     by a vector of lane channels (``table``, from ``window_table``): one load of ``x`` and one of
     the table a vector, where per-value patterns of weight and bias load two more (and the
     channel's own loops of a few dozen values pay their setup and tail). ``num_channels`` is
-    whole windows; a host without the permutes (``window_lanes(x) == 0``) raises.
+    whole windows; ``table`` is ``window_table(spatial, lanes)``. A width the host has no permute
+    for raises.
     """
 
 
 @overload(apply_channel_windows, inline="always")
 def _apply_channel_windows_checked(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd,
-                                   weight, bias, first_channel, table):  # fmt: skip
-    if not window_lanes_of(x.dtype):
+                                   weight, bias, first_channel, table, lanes):  # fmt: skip
+    wide, narrow = host_window_widths(x.dtype.bitwidth // 8)
+    if not wide:
 
         def refuse(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
-                   first_channel, table):  # fmt: skip
+                   first_channel, table, lanes):  # fmt: skip
             raise ValueError("apply_channel_windows: this host has no permutes for this dtype")
 
         return refuse
+    wide_kernel = _channel_windows_kernel(wide)
+    # Without a narrow width, lanes == narrow == 0 is refused below: the wide kernel stands in.
+    narrow_kernel = _channel_windows_kernel(narrow or wide)
 
     def apply(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
-              first_channel, table):  # fmt: skip
-        lanes = window_lanes(x)
+              first_channel, table, lanes):  # fmt: skip
         if (
-            num_channels % lanes
+            lanes <= 0
+            or (lanes != wide and lanes != narrow)
+            or num_channels % lanes
             or spatial < 1
             or table.size < spatial * lanes
             or start < 0
@@ -446,8 +462,12 @@ def _apply_channel_windows_checked(x, out, start, num_channels, spatial, mean_hi
             raise ValueError("apply_channel_windows: not whole windows, or out of bounds")
         center = cast_like(mean_hi, x)
         residual = (mean_hi - np.float64(center)) + mean_lo
-        _apply_channel_windows(x, out, start, num_channels // lanes, spatial, center, residual,
-                               rstd, weight, bias, first_channel, table)  # fmt: skip
+        if lanes == wide:
+            wide_kernel(x, out, start, num_channels // lanes, spatial, center, residual, rstd,
+                        weight, bias, first_channel, table)  # fmt: skip
+        else:
+            narrow_kernel(x, out, start, num_channels // lanes, spatial, center, residual, rstd,
+                          weight, bias, first_channel, table)  # fmt: skip
 
     return apply
 
