@@ -8,11 +8,10 @@ loop has no runtime alias check between input and output.
 Parallel loops only call functions compiled on their own (``normalize_slabs``,
 ``normalize_slabs_patterned``, ``part_moments``, ``apply_part``, ``normalize_slabs_together``): the
 same code inlined into a ``prange`` body ran at half the speed. A group whose channels share one
-weight and bias is normalized as one segment; channels of at most ``WINDOW_MAX_SPATIAL`` values
-in whole windows of a vector's worth of channels a window at a time (``simd.apply_channel_windows``,
-short slabs too);
-otherwise a channel at a time: channels of a vector to ``SHORT_CHANNEL`` values by
-``simd.apply_channels``, shorter ones as rows of a 2-D view
+weight and bias is normalized as one segment; channels of 2 to ``WINDOW_MAX_SPATIAL`` values, in
+groups of whole windows of a vector's worth of channels (half a vector's too in short slabs), a
+window at a time (``normalize_windows``); otherwise a channel at a time: channels of a vector to
+``SHORT_CHANNEL`` values by ``simd.apply_channels``, shorter ones as rows of a 2-D view
 (``normalize_rows``), and many short float32 channels of several samples by a flat loop against
 per-group patterns of weight and bias. In place, slabs larger than a core's L2 go one after the
 other, each by all threads together (``group_norm_cooperative``).
@@ -216,7 +215,7 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
     A short slab's cost is the chain from its sums through two divisions and a square root to its
     coefficients (~50 ns a slab one after the other). Batched, the chains of different slabs
     overlap: each slab's float64 shifted sums about its first value, then every slab's mean and
-    ``rstd``, then the normalization.
+    ``rstd``, then the normalization (by channel windows where they fit, else a loop per channel).
 
     A slab whose first value lies more than ``sqrt(REPIVOT)`` standard deviations from its mean
     is summed again by ``moments.contiguous_moments`` (in float64), which moves the pivot to the
