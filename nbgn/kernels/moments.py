@@ -205,13 +205,20 @@ def finalize_group(ref, count, offset, m2, eps):
 
 
 @numba.njit(inline="always")
+def rounded_mean(mean_hi, mean_lo, like):
+    """``(center, residual)``: the mean ``mean_hi + mean_lo`` rounded to ``like``'s dtype, and
+    what the rounding dropped (float64)."""
+    center = cast_like(mean_hi, like)
+    return center, (mean_hi - np.float64(center)) + mean_lo
+
+
+@numba.njit(inline="always")
 def fold_channel(mean_hi, mean_lo, rstd, weight, bias, like):
     """``(center, scale, shift)`` of a channel in ``like``'s dtype: ``y = (x - center) * scale + shift``.
 
     ``center`` is the mean rounded to the input dtype; what rounding dropped moves into ``shift``.
     """
-    center = cast_like(mean_hi, like)
-    residual = (mean_hi - np.float64(center)) + mean_lo
+    center, residual = rounded_mean(mean_hi, mean_lo, like)
     scale = rstd * weight
     return center, cast_like(scale, like), cast_like(bias - residual * scale, like)
 

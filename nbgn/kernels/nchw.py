@@ -42,6 +42,7 @@ from .moments import (
     merged_group_coefficients,
     part_bounds,
     pivot_stands,
+    rounded_mean,
     shifted_sums,
 )
 from .simd import apply_channel_windows, apply_channels, channel_lanes, window_table, window_widths
@@ -98,8 +99,7 @@ def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi,
 def against_coefficients(mean_hi, mean_lo, rstd, x):
     """``(center, rstd, offset)`` in x's dtype for ``((x - center) * rstd - offset)``: ``center``
     is the mean rounded to x's dtype, ``offset`` the rounding residual times ``rstd``."""
-    center = cast_like(mean_hi, x)
-    residual = (mean_hi - np.float64(center)) + mean_lo
+    center, residual = rounded_mean(mean_hi, mean_lo, x)
     return center, cast_like(rstd, x), cast_like(residual * rstd, x)
 
 

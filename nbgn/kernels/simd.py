@@ -18,10 +18,11 @@ channel's last value (overlapping the one before it when the vectors do not divi
 thread, in place, (1, 1024, 7, 7)/32 took 8.4 us against 11.4.
 
 Shorter channels whose group is whole windows of a vector's (or half a vector's) worth of
-channels take ``apply_channel_windows``: the window's scales and shifts in two registers, permuted into each vector
-of ``x`` by a table of lane channels. Its loop loads ``x`` and the table, where a flat loop against
-per-value patterns of weight and bias loads two more per vector: streaming from L3 on one thread,
-the late layers' normalization took 123 us against 174 for the pattern loop and 102 for ``x *= a``.
+channels take ``apply_channel_windows``: the window's scales and shifts in two registers, permuted
+into each vector of ``x`` by a table of lane channels. Its loop loads ``x`` and the table, where a
+flat loop against per-value patterns of weight and bias loads two more per vector: streaming from
+L3 on one thread, the late layers' normalization took 123 us against 174 for the pattern loop and
+102 for ``x *= a``.
 
 The channels-last moments sum ``x - pivot`` and its square per lane. Where a row of whole vectors
 is short enough (``_sum_row_vectors``), ``lane_sums_in_registers`` keeps both sums of a row's
@@ -44,7 +45,7 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, overload
 
-from .moments import cast_like
+from .moments import aligned_full, rounded_mean
 
 
 def _compiles_for_host() -> bool:
@@ -399,9 +400,7 @@ def window_table(spatial, lanes):
     spatial``, the channel (within a window of ``lanes`` channels) of lane ``i`` of a window's
     ``j``-th vector; int32, 64-byte aligned (one vector load a vector of ``x``)."""
     size = spatial * lanes
-    raw = np.empty(size + 16, np.int32)
-    skip = (-raw.ctypes.data) % 64 // 4
-    table = raw[skip : skip + size]
+    table = aligned_full(size, np.int32(0))
     channel = 0
     position = 0
     for k in range(size):  # k // spatial, without a division a value
@@ -460,8 +459,7 @@ def _apply_channel_windows_checked(x, out, start, num_channels, spatial, mean_hi
             or first_channel + num_channels > min(weight.size, bias.size)
         ):
             raise ValueError("apply_channel_windows: not whole windows, or out of bounds")
-        center = cast_like(mean_hi, x)
-        residual = (mean_hi - np.float64(center)) + mean_lo
+        center, residual = rounded_mean(mean_hi, mean_lo, x)
         if lanes == wide:
             wide_kernel(x, out, start, num_channels // lanes, spatial, center, residual, rstd,
                         weight, bias, first_channel, table)  # fmt: skip
