@@ -123,7 +123,7 @@ def channel_patterns(
     ``PATTERN_MAX_SPATIAL`` values (196: slower), nor for slabs of at most ``SHORT_SLAB`` values,
     which ``nchw.normalize_short_slabs`` takes in batches (one thread, (64, 512)/32: 85 -> 28 us;
     (8, 256, 4, 4)/32: 14 -> 11 us). Nor where the channels fit ``nchw.windows_fit``: the windows
-    load no pattern (the late layers above: 0.63-0.70 of the patterned kernel's time in place).
+    load no pattern (the late layers above: 0.55-0.91 of the patterned kernel's time in place).
     """
     if windows_fit(host_window_widths(itemsize)[0], channels_per_group, spatial):
         return False
