@@ -13,9 +13,11 @@ and ``ok``.
 """
 
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
+from numba.core.errors import NumbaWarning
 
 import nbgn
 from nbgn import _schedule, api
@@ -24,6 +26,10 @@ from nbgn.kernels import simd
 
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import from_channels_first, reference_group_norm, tolerance
+
+# Compiled without LLVM's optimizations (see test_bounds.py), some kernels keep addresses of globals
+# that Numba will not cache; this process's cache is thrown away anyway.
+warnings.filterwarnings("ignore", "Cannot cache compiled function", NumbaWarning)
 
 # The L1 that sends NHWC rows of 8 KiB one at a time out of place (read when a kernel compiles).
 simd._host_l1_data_bytes = lambda: 48 * 1024
