@@ -116,11 +116,11 @@ class _SmallCall(NamedTuple):
     ``_small_call``); ``weight`` and ``bias`` are the defaults, for keys of calls without them."""
 
     kernel: Any
-    dims: tuple[int, int, int, int]
+    dims: tuple[int, ...]
     channels: tuple[int]
     weight: np.ndarray
     bias: np.ndarray
-    sum_type: Any
+    sums: tuple[Any, ...]
 
 
 #: Small calls seen, by (shape, dtype, num_groups, layout, weight is None).
@@ -146,7 +146,7 @@ def _small_call(x, num_groups, weight, bias, eps, layout, out):
         or x.size >= _schedule.SERIAL_ELEMENTS
     ):
         return None
-    kernel, dims, channels, default_weight, default_bias, sum_type = call
+    kernel, dims, channels, default_weight, default_bias, sums = call
     if weight is None:
         if bias is not None:
             return None
@@ -164,9 +164,9 @@ def _small_call(x, num_groups, weight, bias, eps, layout, out):
         return None
     if out is None and x.nbytes < _output_pool.MIN_BYTES:
         out = np.empty(x.shape, x.dtype)
-        kernel(x.ravel(), out.ravel(), *dims, weight, bias, eps, sum_type, 1)
+        kernel(x.ravel(), out.ravel(), *dims, weight, bias, eps, *sums)
     elif out is x and x.flags.writeable:
-        kernel(x.ravel(), None, *dims, weight, bias, eps, sum_type, 1)
+        kernel(x.ravel(), None, *dims, weight, bias, eps, *sums)
     else:
         return None
     return out
@@ -182,10 +182,10 @@ def _remember_small_call(x, geometry, kernels, affine):
             _SMALL_CALLS.clear()
         channels = geometry.channels
         _SMALL_CALLS[key] = _SmallCall(
-            kernels.serial, kernels.dims, (channels,),
+            kernels.serial, kernels.serial_dims, (channels,),
             check_affine(None, "weight", channels, 1.0, x.dtype),
             check_affine(None, "bias", channels, 0.0, x.dtype),
-            _NATIVE_SUM_TYPES[x.dtype],
+            (_NATIVE_SUM_TYPES[x.dtype],) if kernels.serial_sums else (),
         )  # fmt: skip
 
 
@@ -283,11 +283,17 @@ def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=Fals
 
 
 class _Kernels(NamedTuple):
-    """A problem's kernels in one memory order, and their shape arguments: ``(N, C, spatial, G)``
-    channels first, ``(N, spatial, C, G)`` channels last."""
+    """A problem's kernels in one memory order, and their shape arguments: ``dims``, ``(N, C,
+    spatial, G)`` channels first, ``(N, spatial, C, G)`` channels last, for the parallel kernels.
+
+    ``serial`` is the function each of ``fused``'s threads runs on its run of units, called
+    directly with ``serial_dims`` (all the units) and, if ``serial_sums``, ``sum_type``: a serial
+    twin of ``fused`` would compile that function again inside its own (see ``_compile``)."""
 
     dims: tuple[int, int, int, int]
     serial: Any
+    serial_dims: tuple[int, ...]
+    serial_sums: bool
     fused: Any
     split: Any
     cooperative: Any
@@ -310,18 +316,18 @@ def _kernels(geometry: Geometry, channels_last: bool, itemsize: int, affine: boo
     """
     n, c, s, g, _ = geometry
     if channels_last:
+        split, cooperative = nhwc.group_norm_split, nhwc.group_norm_cooperative
         if s * c <= nhwc.SMALL_SAMPLE:  # never split: a part would be below MIN_PART_ELEMENTS
-            fused, serial = nhwc.group_norm_small, nhwc.group_norm_small_serial
-        else:
-            fused, serial = nhwc.group_norm_fused, nhwc.group_norm_fused_serial
-        return _Kernels((n, s, c, g), serial, fused, nhwc.group_norm_split,
-                        nhwc.group_norm_cooperative)  # fmt: skip
+            return _Kernels((n, s, c, g), nhwc.normalize_small_samples, (0, n, s, c, g), False,
+                            nhwc.group_norm_small, split, cooperative)  # fmt: skip
+        return _Kernels((n, s, c, g), nhwc.normalize_samples, (0, n, s, c, g), True,
+                        nhwc.group_norm_fused, split, cooperative)  # fmt: skip
+    split, cooperative = nchw.group_norm_split, nchw.group_norm_cooperative
     if affine and _schedule.channel_patterns(n, c // g, s, itemsize):
-        fused, serial = nchw.group_norm_patterned, nchw.group_norm_patterned_serial
-    else:
-        fused, serial = nchw.group_norm_fused, nchw.group_norm_fused_serial
-    return _Kernels((n, c, s, g), serial, fused, nchw.group_norm_split,
-                    nchw.group_norm_cooperative)  # fmt: skip
+        return _Kernels((n, c, s, g), nchw.normalize_slabs_patterned, (0, n * g, n, c, s, g),
+                        True, nchw.group_norm_patterned, split, cooperative)  # fmt: skip
+    return _Kernels((n, c, s, g), nchw.normalize_slabs, (0, n * g, c, s, g), True,
+                    nchw.group_norm_fused, split, cooperative)  # fmt: skip
 
 
 def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
@@ -336,16 +342,14 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     # One value per channel takes the channels-first kernels: see group_moments.
     channels_last = channels_last and geometry.spatial > 1
     kernels = _kernels(geometry, channels_last, source.itemsize, affine)
-    # A sample's axes in memory order: (C, spatial) channels first, (spatial, C) channels last.
-    num_samples, outer, inner, num_groups = kernels.dims
     # Moments summed in the input's precision, unless eps is too small for that (see moments).
     sum_type = _NATIVE_SUM_TYPES[source.dtype] if eps >= moments.NATIVE_MIN_EPS else 0.0
     # A small call runs serially whatever the threads (see _schedule.plan), without asking.
     small = source.size < _schedule.SERIAL_ELEMENTS
     plan = None if small else _plan(geometry, channels_last, source.itemsize if out is None else 0)
     if small or not plan.parallel:
-        kernels.serial(source, target, num_samples, outer, inner, num_groups, weight, bias, eps,
-                       sum_type, 1)  # fmt: skip
+        sums = (sum_type,) if kernels.serial_sums else ()
+        kernels.serial(source, target, *kernels.serial_dims, weight, bias, eps, *sums)
         if small and x.flags.c_contiguous and layout_order:
             _remember_small_call(x, geometry, kernels, affine)
         return x if out is None else out

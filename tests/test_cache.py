@@ -9,8 +9,8 @@ import pytest
 
 #: NCHW calls and an NHWC call, then each kernel's cache hits and misses. The NHWC input is
 #: ``y`` (samples of 32K values: the lanes, ``group_norm_fused``) or, in the concurrent test,
-#: its first 4 x 4 positions (128 values, 512 in all: ``group_norm_small_serial``, whose compile
-#: takes 2 s, not 18).
+#: its first 4 x 4 positions (128 values, 512 in all: run serially by ``normalize_small_samples``,
+#: whose compile takes 2 s, not 18).
 CALLS = (
     "import json, numpy as np, nbgn\n"
     "from nbgn.kernels import nchw, nhwc\n"
@@ -23,7 +23,7 @@ CALLS = (
     "print(json.dumps([[sum(s.cache_hits.values()), sum(s.cache_misses.values())] for s in stats]))\n"
 )
 LANES = CALLS.format(positions="", nhwc_kernel="group_norm_fused")
-SMALL_SAMPLES = CALLS.format(positions="[:, :, :4, :4]", nhwc_kernel="group_norm_small_serial")
+SMALL_SAMPLES = CALLS.format(positions="[:, :, :4, :4]", nhwc_kernel="normalize_small_samples")
 
 
 def _start(cache_dir, calls=LANES):

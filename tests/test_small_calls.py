@@ -229,8 +229,8 @@ def test_replaced_kernels_are_used_after_forget_kernels(rng, monkeypatch):
     nbgn.group_norm(x, GROUPS, weight, bias)
     nbgn.group_norm(x, GROUPS, weight, bias)
     calls = []
-    original = nchw.group_norm_fused_serial
-    monkeypatch.setattr(nchw, "group_norm_fused_serial",
+    original = nchw.normalize_slabs  # the serial kernel
+    monkeypatch.setattr(nchw, "normalize_slabs",
                         lambda *args: calls.append(1) or original(*args))  # fmt: skip
     api._forget_kernels()
     expected = reference_group_norm(x, GROUPS, weight, bias)

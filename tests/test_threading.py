@@ -244,20 +244,24 @@ def test_thread_count_decides_the_kernel(monkeypatch):
     from nbgn import api
     from nbgn.kernels import nchw
 
+    x = np.random.default_rng(2).standard_normal((4, 8, 64, 64)).astype(np.float32)
+    expected = reference_group_norm(x, 2)
+    before = numba.get_num_threads()
+    # Compiled before the kernels are wrapped: group_norm_fused, compiled while normalize_slabs is
+    # a Python function, would fail to type its call.
+    nbgn.group_norm(x, 2)
     api._forget_kernels()  # it holds the kernels chosen for earlier calls, unwrapped
     calls = []
-    for name in ("group_norm_fused", "group_norm_fused_serial"):
+    for name in ("group_norm_fused", "normalize_slabs"):
         kernel = getattr(nchw, name)
         monkeypatch.setattr(
             nchw,
             name,
             lambda *args, _name=name, _kernel=kernel: (
-                calls.append((_name, args[-1])) or _kernel(*args)
+                calls.append((_name, args[-1] if _name == "group_norm_fused" else args[3]))
+                or _kernel(*args)
             ),
         )
-    x = np.random.default_rng(2).standard_normal((4, 8, 64, 64)).astype(np.float32)
-    expected = reference_group_norm(x, 2)
-    before = numba.get_num_threads()
     try:
         numba.set_num_threads(1)
         np.testing.assert_allclose(nbgn.group_norm(x, 2), expected, atol=2e-5)
@@ -266,4 +270,5 @@ def test_thread_count_decides_the_kernel(monkeypatch):
     finally:
         numba.set_num_threads(before)
         api._forget_kernels()  # the wrapped kernels must not outlive the test
-    assert calls == [("group_norm_fused_serial", 1), ("group_norm_fused", 2)]
+    # The serial kernel takes all 8 slabs; the parallel one, 2 runs of them.
+    assert calls == [("normalize_slabs", 8), ("group_norm_fused", 2)]

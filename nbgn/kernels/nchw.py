@@ -384,7 +384,8 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
 
 def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
                       sum_type, num_chunks):  # fmt: skip
-    """Normalize whole slabs, ``num_chunks`` runs of them in parallel (``normalize_slabs``).
+    """Normalize whole slabs, ``num_chunks`` runs of them in parallel (``normalize_slabs``, which
+    serial calls run themselves: see ``_compile``).
 
     Parameters
     ----------
@@ -404,7 +405,7 @@ def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight
                         bias, eps, sum_type)  # fmt: skip
 
 
-group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
+group_norm_fused = numba.njit(cache=True, parallel=True)(_group_norm_fused)
 
 
 def _group_norm_patterned(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
@@ -419,7 +420,7 @@ def _group_norm_patterned(x, out, num_samples, channels, spatial, num_groups, we
                                   num_groups, weight, bias, eps, sum_type)  # fmt: skip
 
 
-group_norm_patterned, group_norm_patterned_serial = parallel_and_serial(_group_norm_patterned)
+group_norm_patterned = numba.njit(cache=True, parallel=True)(_group_norm_patterned)
 
 
 @numba.njit(cache=True)

@@ -755,7 +755,8 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
 
 def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
                       sum_type, num_chunks):  # fmt: skip
-    """Normalize whole samples, ``num_chunks`` runs of them in parallel (``normalize_samples``).
+    """Normalize whole samples, ``num_chunks`` runs of them in parallel (``normalize_samples``,
+    which serial calls run themselves: see ``_compile``).
 
     Parameters
     ----------
@@ -774,7 +775,7 @@ def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight
                           weight, bias, eps, sum_type)  # fmt: skip
 
 
-group_norm_fused, group_norm_fused_serial = parallel_and_serial(_group_norm_fused)
+group_norm_fused = numba.njit(cache=True, parallel=True)(_group_norm_fused)
 
 
 def _group_norm_small(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
@@ -788,7 +789,7 @@ def _group_norm_small(x, out, num_samples, spatial, channels, num_groups, weight
                                 weight, bias, eps)  # fmt: skip
 
 
-group_norm_small, group_norm_small_serial = parallel_and_serial(_group_norm_small)
+group_norm_small = numba.njit(cache=True, parallel=True)(_group_norm_small)
 
 
 @numba.njit(inline="always")
