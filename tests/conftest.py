@@ -10,6 +10,10 @@ def rng():
 def pytest_collection_modifyitems(config, items):
     import os
 
+    # Slow tests first (a stable sort): pytest-xdist hands tests out as workers free up, so the
+    # long ones (minutes of compiling in a child process) then run beside the short ones instead
+    # of alone at the end, with the other worker idle.
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if os.environ.get("NBGN_BIGMEM") == "1":
         return
     skip = pytest.mark.skip(reason="needs >8 GiB of memory: opt in with NBGN_BIGMEM=1")

@@ -16,6 +16,7 @@ import numba
 import pytest
 
 
+@pytest.mark.slow
 def test_kernels_stay_in_bounds(tmp_path):
     env = {
         **os.environ,

@@ -10,7 +10,7 @@ import pytest
 #: NCHW calls and an NHWC call, then each kernel's cache hits and misses. The NHWC input is
 #: ``y`` (samples of 32K values: the lanes, ``group_norm_fused``) or, in the concurrent test,
 #: its first 4 x 4 positions (128 values, 512 in all: run serially by ``normalize_small_samples``,
-#: whose compile takes 2 s, not 18).
+#: whose compile takes 1.6 s, not 16).
 CALLS = (
     "import json, numpy as np, nbgn\n"
     "from nbgn.kernels import nchw, nhwc\n"

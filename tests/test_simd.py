@@ -48,7 +48,8 @@ print(worst)
 """
 
 
-@pytest.mark.parametrize("limits", [(32, 128)])  # AVX2: each configuration compiles for ~50 s
+@pytest.mark.slow
+@pytest.mark.parametrize("limits", [(32, 128)])  # AVX2: compiling takes minutes
 def test_other_vector_widths_match_reference(tmp_path, limits):
     env = {
         **os.environ,

@@ -21,7 +21,7 @@ from nbgn._info import info
 from nbgn.kernels import simd
 
 # One worker runs the whole module, so that its probe (a minute of compiling) runs once.
-pytestmark = pytest.mark.xdist_group("vectorization_probe")
+pytestmark = [pytest.mark.xdist_group("vectorization_probe"), pytest.mark.slow]
 
 #: Packed instructions each kernel has at least, whatever the dtype and variant (LLVM 22 emits
 #: roughly twice these).
