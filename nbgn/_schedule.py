@@ -4,8 +4,9 @@ The unit of work is a (sample, group) *slab* for NCHW and a *sample* for NHWC: t
 each unit to one thread, which reads it once for the moments and normalizes it while it is still in
 its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and from memory.
 
-- Below ``SERIAL_ELEMENTS`` elements the serial twin of the fused kernel runs: launching a parallel
-  region costs a few microseconds, more than such a call takes on one core. So does every call
+- Below ``SERIAL_ELEMENTS`` elements the fused kernel's per-thread function runs on the calling
+  thread, over all the units: launching a parallel region costs a few microseconds, more than such
+  a call takes on one core. So does every call
   with one thread (``numba.set_num_threads(1)``), and every call in a process forked after GNU
   OpenMP threads ran, where a parallel launch would kill it (``_threading.serial_only``).
 - When there are fewer units than threads (one image at inference, one group), or so few that the

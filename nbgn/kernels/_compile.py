@@ -3,8 +3,9 @@
 Only for bodies that do more than hand each thread one function call. Where a parallel kernel's
 loop only calls one function per run of units (``nchw.normalize_slabs``, ``nhwc.normalize_samples``,
 ...), the serial path calls that function itself (``api._kernels``): Numba links a callee's code into
-each caller and optimizes it there again, so a twin of such a loop cost as much again as the loop
-(2.3 s more for ``nhwc.normalize_samples``' 15 s, 0.7 s for ``nchw.normalize_slabs``' 5.6 s).
+each caller and optimizes it there again, so a twin of such a loop cost a second optimization of
+that function (2.3 s on top of ``nhwc.normalize_samples``' 15 s, 0.7 s on top of
+``nchw.normalize_slabs``' 5.6 s).
 """
 
 import types
