@@ -6,9 +6,9 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
 
 - Below ``SERIAL_ELEMENTS`` elements the fused kernel's per-thread function runs on the calling
   thread, over all the units: launching a parallel region costs a few microseconds, more than such
-  a call takes on one core. So does every call
-  with one thread (``numba.set_num_threads(1)``), and every call in a process forked after GNU
-  OpenMP threads ran, where a parallel launch would kill it (``_threading.serial_only``).
+  a call takes on one core. So does every call with one thread (``numba.set_num_threads(1)``),
+  and every call in a process forked after GNU OpenMP threads ran, where a parallel launch would
+  kill it (``_threading.serial_only``).
 - When there are fewer units than threads (one image at inference, one group), or so few that the
   threads would finish unevenly, each unit is split into ``parts``: one call runs a parallel loop
   over the parts' moments, and a second one that normalizes each part in reverse, with its unit's

@@ -4,7 +4,8 @@ nothing compiled without the checks is loaded, or left behind for other tests.
 
 The child compiles without LLVM's optimizations (``NUMBA_OPT=0``): Numba writes the checks into
 every indexing before LLVM sees the code, so they are the same at any level, and compiling every
-kernel took 135 s instead of 315 s (an off-by-one in a channel loop still raised ``IndexError``).
+kernel took 135-150 s instead of 315 s (an off-by-one in a channel loop still raised
+``IndexError``).
 """
 
 import os

@@ -31,9 +31,28 @@ def _inputs(rng, layout, dtype, affine, shape=SHAPE):
 
 
 # (N, C, *spatial) channels first, num_groups: the kernels small calls reach. NCHW: fused (short
-# slabs), patterned (float32 with weights: 16 channels of 49 values); NHWC: small samples, fused
-# (samples of more than nhwc.SMALL_SAMPLE values), and one value per channel.
-KERNEL_CASES = [(SHAPE, GROUPS), ((2, 32, 7, 7), 2), ((2, 8, 16, 16), 4), ((6, 8), 4)]
+# slabs), patterned (float32 with weights: 12 channels of 36 values, which no channel window fits);
+# NHWC: small samples, fused (samples of more than nhwc.SMALL_SAMPLE values), and one value per
+# channel.
+KERNEL_CASES = [(SHAPE, GROUPS), ((2, 24, 6, 6), 2), ((2, 8, 16, 16), 4), ((6, 8), 4)]
+
+
+def test_kernel_cases_reach_their_serial_kernels():
+    from nbgn._checks import check_geometry
+    from nbgn.kernels import nchw, nhwc
+
+    def serial(shape, groups, layout, affine):
+        geometry = check_geometry(shape, groups, layout)
+        channels_last = geometry.channels_last and geometry.spatial > 1
+        return api._kernels(geometry, channels_last, 4, affine).serial
+
+    (shape, groups), (patterned, pattern_groups), (lanes, lane_groups) = KERNEL_CASES[:3]
+    assert serial(patterned, pattern_groups, "NCHW", True) is nchw.normalize_slabs_patterned
+    assert serial(patterned, pattern_groups, "NCHW", False) is nchw.normalize_slabs
+    nhwc_lanes = (lanes[0], *lanes[2:], lanes[1])
+    assert serial(nhwc_lanes, lane_groups, "NHWC", True) is nhwc.normalize_samples
+    nhwc_small = (shape[0], *shape[2:], shape[1])
+    assert serial(nhwc_small, groups, "NHWC", True) is nhwc.normalize_small_samples
 
 
 @pytest.mark.parametrize("in_place", [False, True], ids=["allocate", "in_place"])
