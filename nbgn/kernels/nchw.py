@@ -190,6 +190,17 @@ def windows_fit(lanes, channels_per_group, spatial):
     return lanes > 0 and channels_per_group % lanes == 0 and 1 < spatial <= WINDOW_MAX_SPATIAL
 
 
+@numba.njit(inline="always")
+def fitting_windows(wide, narrow, channels_per_group, spatial):
+    """``(lanes, table)``: the first of the window widths ``wide`` and ``narrow`` (0: none) whose
+    windows fit a group (``windows_fit``), 0 if neither, and its ``simd.window_table`` (of one
+    entry without windows)."""
+    lanes = wide if windows_fit(wide, channels_per_group, spatial) else 0
+    if lanes == 0 and windows_fit(narrow, channels_per_group, spatial):
+        lanes = narrow
+    return lanes, window_table(spatial if lanes else 1, max(lanes, 1))
+
+
 #: Slabs of at most this many values take ``normalize_short_slabs``.
 SHORT_SLAB = 256
 
@@ -231,10 +242,7 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
     # Half-vector windows too (8 float32 channels with AVX-512): a short slab's channels of a few
     # values cost their loop setup each, where long slabs have the weight patterns instead.
     wide, narrow = window_widths(x)
-    lanes = wide if windows_fit(wide, channels_per_group, spatial) else 0
-    if lanes == 0 and windows_fit(narrow, channels_per_group, spatial):
-        lanes = narrow
-    table = window_table(spatial if lanes else 1, max(lanes, 1))
+    lanes, table = fitting_windows(wide, narrow, channels_per_group, spatial)
     for batch_start in range(first_slab, stop_slab, SHORT_BATCH):
         batch = min(SHORT_BATCH, stop_slab - batch_start)
         for i in range(batch):
@@ -297,9 +305,8 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
         return
     stats = np.empty((1, 3))
     coefficients = np.empty((3, channels_per_group), x.dtype)
-    lanes = window_widths(x)[0]
-    lanes = lanes if windows_fit(lanes, channels_per_group, spatial) else 0
-    table = window_table(spatial if lanes else 1, max(lanes, 1))
+    # The whole vector's windows only: half a vector's lost to the weight patterns on long slabs.
+    lanes, table = fitting_windows(window_widths(x)[0], 0, channels_per_group, spatial)
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
         mean_hi, mean_lo, rstd = slab_moments(x, slab_start, slab_length, stats, sum_type, eps)
