@@ -11,6 +11,7 @@ import numpy as np
 from . import _output_pool, _schedule, _threading
 from ._checks import Geometry, check_affine, check_eps, check_geometry, check_input, check_out
 from .kernels import moments, nchw, nhwc
+from .kernels._compile import compiled_address
 
 __all__ = ["group_moments", "group_norm"]
 
@@ -288,7 +289,9 @@ class _Kernels(NamedTuple):
 
     ``serial`` is the function each of ``fused``'s threads runs on its run of units, called
     directly with ``serial_dims`` (all the units) and, if ``serial_sums``, ``sum_type``: a serial
-    twin of ``fused`` would compile that function again inside its own (see ``_compile``)."""
+    twin of ``fused`` would compile that function again inside its own (see ``_compile``).
+    ``layout`` is the kernels' module, whose ``split_addresses`` and ``cooperative_address`` find
+    what ``split`` and ``cooperative`` call."""
 
     dims: tuple[int, int, int, int]
     serial: Any
@@ -297,12 +300,14 @@ class _Kernels(NamedTuple):
     fused: Any
     split: Any
     cooperative: Any
+    layout: Any
 
 
 def _forget_kernels() -> None:
     """Forget the kernels chosen for earlier calls (``_kernels`` and ``_SMALL_CALLS``): for a test
     that replaces a kernel, before and after."""
     _kernels.cache_clear()
+    _callee_addresses.cache_clear()
     _SMALL_CALLS.clear()
 
 
@@ -316,18 +321,37 @@ def _kernels(geometry: Geometry, channels_last: bool, itemsize: int, affine: boo
     """
     n, c, s, g, _ = geometry
     if channels_last:
-        split, cooperative = nhwc.group_norm_split, nhwc.group_norm_cooperative
+        others = (nhwc.group_norm_split, nhwc.group_norm_cooperative, nhwc)
         if s * c <= nhwc.SMALL_SAMPLE:  # never split: a part would be below MIN_PART_ELEMENTS
             return _Kernels((n, s, c, g), nhwc.normalize_small_samples, (0, n, s, c, g), False,
-                            nhwc.group_norm_small, split, cooperative)  # fmt: skip
+                            nhwc.group_norm_small, *others)  # fmt: skip
         return _Kernels((n, s, c, g), nhwc.normalize_samples, (0, n, s, c, g), True,
-                        nhwc.group_norm_fused, split, cooperative)  # fmt: skip
-    split, cooperative = nchw.group_norm_split, nchw.group_norm_cooperative
+                        nhwc.group_norm_fused, *others)  # fmt: skip
+    others = (nchw.group_norm_split, nchw.group_norm_cooperative, nchw)
     if affine and _schedule.channel_patterns(n, c // g, s, itemsize):
         return _Kernels((n, c, s, g), nchw.normalize_slabs_patterned, (0, n * g, n, c, s, g),
-                        True, nchw.group_norm_patterned, split, cooperative)  # fmt: skip
+                        True, nchw.group_norm_patterned, *others)  # fmt: skip
     return _Kernels((n, c, s, g), nchw.normalize_slabs, (0, n * g, c, s, g), True,
-                    nchw.group_norm_fused, split, cooperative)  # fmt: skip
+                    nchw.group_norm_fused, *others)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _callee_addresses(
+    kernels: _Kernels, dtype: np.dtype, in_place: bool, sum_kind: type, kernel: str
+) -> tuple[int, ...]:
+    """The addresses of the functions that ``kernels``' parallel ``kernel`` ("fused", "split" or
+    "cooperative") calls (see ``_compile``), for arrays of ``dtype``, in place or not, and moments
+    summed in ``sum_kind`` (the type of ``sum_type``: its zero of one type equals the other's).
+    Cached: finding them types a dozen example values."""
+    x = np.empty(0, dtype)
+    out = None if in_place else x
+    sum_type = sum_kind(0)
+    if kernel == "cooperative":
+        return (kernels.layout.cooperative_address(x, out, sum_type),)
+    if kernel == "split":
+        return kernels.layout.split_addresses(x, out, sum_type)
+    sums = (sum_type,) if kernels.serial_sums else ()
+    return (compiled_address(kernels.serial, (x, out, *kernels.serial_dims, x, x, 0.0, *sums)),)
 
 
 def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
@@ -354,13 +378,16 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
             _remember_small_call(x, geometry, kernels, affine)
         return x if out is None else out
     # One unit per thread (fused), units split into parts when they are fewer, or large units one
-    # after the other by all threads (cooperative); see _schedule.
+    # after the other by all threads (cooperative); see _schedule. Each kernel is given the
+    # addresses of the functions its threads call.
     arguments = (source, target, *kernels.dims, weight, bias, eps, sum_type)
+    kernel = "cooperative" if plan.cooperative else "fused" if plan.parts == 1 else "split"
+    addresses = _callee_addresses(kernels, source.dtype, out is None, type(sum_type), kernel)
     with _threading.kernel_guard():
         if plan.cooperative:
-            kernels.cooperative(*arguments, plan.parts)
+            kernels.cooperative(*addresses, *arguments, plan.parts)
         elif plan.parts == 1:
-            kernels.fused(*arguments, plan.chunks)
+            kernels.fused(*addresses, *arguments, plan.chunks)
         else:
-            kernels.split(*arguments, plan.parts)
+            kernels.split(*addresses, *arguments, plan.parts)
     return x if out is None else out

@@ -161,15 +161,14 @@ def test_cooperative_parts_of_threads_that_never_start(rng, threads, parts, layo
     weight, bias = _affine(rng, 8, True)
     expected = reference_group_norm(x, 2, weight, bias, 1e-5, layout)
     out = np.empty_like(x)
-    kernel, dims = {
-        "NCHW": (nchw.group_norm_cooperative, (3, 8, 1600, 2)),
-        "NHWC": (nhwc.group_norm_cooperative, (3, 1600, 8, 2)),
-    }[layout]
+    module, dims = {"NCHW": (nchw, (3, 8, 1600, 2)), "NHWC": (nhwc, (3, 1600, 8, 2))}[layout]
+    kernel = module.group_norm_cooperative
     previous = numba.get_num_threads()
     numba.set_num_threads(min(threads, previous))
     try:
-        kernel(x.ravel(), out.ravel(), *dims, weight, bias, 1e-5, 0.0, parts)
-        kernel(x.ravel(), None, *dims, weight, bias, 1e-5, 0.0, parts)
+        for target in (out.ravel(), None):
+            together_at = module.cooperative_address(x.ravel(), target, 0.0)
+            kernel(together_at, x.ravel(), target, *dims, weight, bias, 1e-5, 0.0, parts)
     finally:
         numba.set_num_threads(previous)
     np.testing.assert_allclose(out, expected, atol=tolerance(np.float64))

@@ -247,23 +247,28 @@ def test_thread_count_decides_the_kernel(monkeypatch):
     x = np.random.default_rng(2).standard_normal((3, 8, 64, 64)).astype(np.float32)
     expected = reference_group_norm(x, 2)
     before = numba.get_num_threads()
-    # Compiled before the kernels are wrapped: group_norm_fused, compiled while normalize_slabs is
-    # a Python function, would fail to type its call.
     numba.set_num_threads(2)
-    nbgn.group_norm(x, 2)
+    nbgn.group_norm(x, 2)  # compiled before the test
     numba.set_num_threads(before)
     api._forget_kernels()  # it holds the kernels chosen for earlier calls, unwrapped
     calls = []
-    for name in ("group_norm_fused", "normalize_slabs"):
-        kernel = getattr(nchw, name)
-        monkeypatch.setattr(
-            nchw,
-            name,
-            lambda *args, _name=name, _kernel=kernel: (
-                calls.append((_name, args[-1] if _name == "group_norm_fused" else args[3]))
-                or _kernel(*args)
-            ),
-        )
+
+    class Recorded:
+        """A kernel whose calls are recorded (``stop``: the argument that says how the units
+        were divided), otherwise the kernel itself (``api`` asks normalize_slabs' address)."""
+
+        def __init__(self, name, kernel, stop):
+            self.name, self.kernel, self.stop = name, kernel, stop
+
+        def __call__(self, *args):
+            calls.append((self.name, args[self.stop]))
+            return self.kernel(*args)
+
+        def __getattr__(self, attribute):
+            return getattr(self.kernel, attribute)
+
+    for name, stop in (("group_norm_fused", -1), ("normalize_slabs", 3)):
+        monkeypatch.setattr(nchw, name, Recorded(name, getattr(nchw, name), stop))
     try:
         numba.set_num_threads(1)
         np.testing.assert_allclose(nbgn.group_norm(x, 2), expected, atol=2e-5)

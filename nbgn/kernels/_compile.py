@@ -1,16 +1,27 @@
-"""Compiling one kernel body twice: parallel for large inputs, serial for small ones.
+"""How kernels are compiled: each per-thread function once, on its own; parallel loops that call
+it through its address; serial twins of the few parallel bodies that do more than that.
 
-Only for bodies that do more than hand each thread one function call. Where a parallel kernel's
-loop only calls one function per run of units (``nchw.normalize_slabs``,
+Numba links the code of a function called by name into each caller and optimizes it there again,
+in every parallel kernel (one per dtype, in place or not, and sum type). So the parallel kernels
+call their per-thread functions through ``call_compiled``, with the address that
+``compiled_address`` finds for the types the kernel passes: a parallel kernel is then a loop and a
+call, compiled in about half a second, and its callee's compiled code (and cache entry) is the one
+the serial path runs. A first parallel call in a fresh cache (float32, out of place) went from 26.7
+to 17.5 s in NHWC, 10.2 to 6.5 s in NCHW; one NHWC sample split among the threads from 31.7 to
+17.7 s, and in place (cooperative) from 33.2 to 19.9 s.
+
+Where a parallel kernel's loop only calls one function per run of units (``nchw.normalize_slabs``,
 ``nhwc.normalize_samples``, ...), the serial path calls that function itself (``api._kernels``).
-Numba links a callee's code into each caller and optimizes it there again, so a twin of such a
-loop cost a second optimization of that function: a first serial call in a fresh cache took 18.0
-s with the twin and 15.8 s without (NHWC lanes), 7.1 and 6.1-6.7 s (NCHW).
+``parallel_and_serial`` twins remain for the moments-only and roofline kernels.
 """
 
 import types
 
 import numba
+import numpy as np
+from numba import types as numba_types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 
 def parallel_and_serial(body):
@@ -30,3 +41,73 @@ def parallel_and_serial(body):
     twin.__qualname__ = body.__qualname__ + "_serial"
     twin.__doc__ = body.__doc__
     return numba.njit(cache=True, parallel=True)(body), numba.njit(cache=True)(twin)
+
+
+def callee_type(numba_type):
+    """The type a function called through ``call_compiled`` is compiled for, given the type of the
+    value passed: arrays writable and aligned (flags that do not change an array's struct, so the
+    cast is free), integers int64; other types as they are."""
+    if isinstance(numba_type, numba_types.Array):
+        return numba_types.Array(numba_type.dtype, numba_type.ndim, numba_type.layout)
+    if isinstance(numba_type, numba_types.Integer):
+        return numba_types.int64
+    return numba_type
+
+
+@intrinsic
+def call_compiled(typingctx, address, arguments):
+    """Call the compiled function at ``address`` (from ``compiled_address``) with the tuple
+    ``arguments``; it must return nothing. An exception it raises propagates.
+
+    The address is a run-time value, so a cached kernel stays valid in the next process, and the
+    callee's code is not linked into the caller. The caller must pass exactly the kinds of values
+    the address was found for (``callee_type`` of each): nothing checks it when the code runs.
+    """
+    if not isinstance(address, numba_types.Integer) or not isinstance(
+        arguments, numba_types.BaseTuple
+    ):
+        return None
+    passed = tuple(arguments.types)
+    expected = tuple(callee_type(t) for t in passed)
+    signature = numba_types.none(address, arguments)
+
+    def codegen(context, builder, sig, args):
+        function_type = context.call_conv.get_function_type(numba_types.none, expected)
+        callee = builder.inttoptr(args[0], function_type.as_pointer())
+        values = [
+            context.cast(builder, builder.extract_value(args[1], i), passed[i], expected[i])
+            if isinstance(passed[i], numba_types.Integer)
+            else builder.extract_value(args[1], i)  # the same struct, whatever its flags
+            for i in range(len(passed))
+        ]
+        status, _ = context.call_conv.call_function(
+            builder, callee, numba_types.none, expected, values
+        )
+        with cgutils.if_unlikely(builder, status.is_error):
+            context.call_conv.return_status_propagate(builder, status)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+_ADDRESSES: dict = {}
+
+#: Examples of the scratch the split and cooperative kernels pass their callees, for
+#: ``compiled_address``: the moments of parts, the groups' reference values (float64) and the
+#: counters of ``atomics.cooperative_counters``.
+PARTIAL, REFS, COUNTERS = np.empty((0, 3)), np.empty(0), np.empty(0, np.int64)
+
+
+def compiled_address(function, example_arguments) -> int:
+    """The address of ``function`` (a ``numba.njit`` dispatcher) compiled for the types of
+    ``example_arguments`` as ``call_compiled`` passes them (``callee_type``); compiled, or loaded
+    from the cache, on the first request. Memoized by those types."""
+    signature = tuple(callee_type(numba.typeof(value)) for value in example_arguments)
+    key = (function, signature)
+    address = _ADDRESSES.get(key)
+    if address is None:
+        function.compile(signature)
+        compiled = function.overloads[signature]
+        address = compiled.library.get_pointer_to_function(compiled.fndesc.mangled_name)
+        _ADDRESSES[key] = address
+    return address

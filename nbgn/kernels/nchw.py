@@ -6,12 +6,14 @@ to write in place: Numba compiles that case separately with a single array, so t
 loop has no runtime alias check between input and output.
 
 Parallel loops only call functions compiled on their own (``normalize_slabs``,
-``normalize_slabs_patterned``, ``part_moments``, ``apply_part``, ``normalize_slabs_together``): the
-same code inlined into a ``prange`` body ran at half the speed. A group whose channels share one
-weight and bias is normalized as one segment; channels of 2 to ``WINDOW_MAX_SPATIAL`` values, in
-groups of whole windows of a vector's worth of channels (half a vector's too in short slabs), a
-window at a time (``normalize_windows``); otherwise a channel at a time: channels of a vector to
-``SHORT_CHANNEL`` values by ``simd.apply_channels``, shorter ones as rows of a 2-D view
+``normalize_slabs_patterned``, ``part_moments``, ``apply_part``, ``normalize_slabs_together``), and
+call them through their addresses (``_compile.call_compiled``; the ``*_at`` arguments, as
+``split_addresses`` and ``cooperative_address`` find them): the same code inlined into a ``prange``
+body ran at half the speed, and linked into it took seconds more to compile. A group whose channels
+share one weight and bias is normalized as one segment; channels of 2 to ``WINDOW_MAX_SPATIAL``
+values, in groups of whole windows of a vector's worth of channels (half a vector's too in short
+slabs), a window at a time (``normalize_windows``); otherwise a channel at a time: channels of a
+vector to ``SHORT_CHANNEL`` values by ``simd.apply_channels``, shorter ones as rows of a 2-D view
 (``normalize_rows``), and many short float32 channels of several samples by a flat loop against
 per-group patterns of weight and bias. In place, slabs larger than a core's L2 go one after the
 other, each by all threads together (``group_norm_cooperative``).
@@ -25,7 +27,7 @@ import numba
 import numpy as np
 from numba.extending import register_jitable
 
-from ._compile import parallel_and_serial
+from ._compile import COUNTERS, PARTIAL, REFS, call_compiled, compiled_address, parallel_and_serial
 from .atomics import atomic_add, claim, cooperative_counters, wait_for
 from .moments import (
     APPLY_CHUNK,
@@ -389,13 +391,15 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
         item += 2
 
 
-def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
-                      sum_type, num_chunks):  # fmt: skip
+def _group_norm_fused(normalize_slabs_at, x, out, num_samples, channels, spatial, num_groups,
+                      weight, bias, eps, sum_type, num_chunks):  # fmt: skip
     """Normalize whole slabs, ``num_chunks`` runs of them in parallel (``normalize_slabs``, which
     serial calls run themselves: see ``_compile``).
 
     Parameters
     ----------
+    normalize_slabs_at : int
+        ``normalize_slabs``' address for these arguments (``_compile.compiled_address``).
     x : float32 or float64 array, shape (N * C * spatial,), C-contiguous
     out : array like ``x``, or None to normalize ``x`` in place
     weight, bias : arrays of x's dtype, shape (C,)
@@ -408,23 +412,24 @@ def _group_norm_fused(x, out, num_samples, channels, spatial, num_groups, weight
     num_slabs = num_samples * num_groups
     for chunk in numba.prange(num_chunks):
         first_slab, stop_slab = chunk_bounds(num_slabs, num_chunks, chunk)
-        normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups, weight,
-                        bias, eps, sum_type)  # fmt: skip
+        call_compiled(normalize_slabs_at, (x, out, first_slab, stop_slab, channels, spatial,
+                                           num_groups, weight, bias, eps, sum_type))  # fmt: skip
 
 
 group_norm_fused = numba.njit(cache=True, parallel=True)(_group_norm_fused)
 
 
-def _group_norm_patterned(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
-                          sum_type, num_chunks):  # fmt: skip
-    """``_group_norm_fused`` through ``normalize_slabs_patterned``, over ``num_chunks`` runs of
-    (sample, group) items in group-major order (see ``_schedule.channel_patterns``). A kernel of
-    its own, so that only the calls that use it compile it."""
+def _group_norm_patterned(normalize_at, x, out, num_samples, channels, spatial, num_groups,
+                          weight, bias, eps, sum_type, num_chunks):  # fmt: skip
+    """``_group_norm_fused`` through ``normalize_slabs_patterned`` (at ``normalize_at``), over
+    ``num_chunks`` runs of (sample, group) items in group-major order (see
+    ``_schedule.channel_patterns``). A kernel of its own, so that only the calls that use it
+    compile it."""
     num_items = num_samples * num_groups
     for chunk in numba.prange(num_chunks):
         first_item, stop_item = chunk_bounds(num_items, num_chunks, chunk)
-        normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channels, spatial,
-                                  num_groups, weight, bias, eps, sum_type)  # fmt: skip
+        call_compiled(normalize_at, (x, out, first_item, stop_item, num_samples, channels, spatial,
+                                     num_groups, weight, bias, eps, sum_type))  # fmt: skip
 
 
 group_norm_patterned = numba.njit(cache=True, parallel=True)(_group_norm_patterned)
@@ -497,19 +502,21 @@ def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, 
         segment_stop = segment_start
 
 
-def _group_norm_split(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
-                      sum_type, num_parts):  # fmt: skip
-    """Normalize every slab in ``num_parts`` pieces: the pieces' moments in one parallel loop,
-    then each piece, with its slab's merged moments, in a second one. For slabs fewer than
-    threads; arguments as for ``_group_norm_fused``. One call, two launches."""
+def _group_norm_split(part_moments_at, apply_part_at, x, out, num_samples, channels, spatial,
+                      num_groups, weight, bias, eps, sum_type, num_parts):  # fmt: skip
+    """Normalize every slab in ``num_parts`` pieces: the pieces' moments in one parallel loop
+    (``part_moments``), then each piece, with its slab's merged moments, in a second one
+    (``apply_part``); their addresses from ``split_addresses``. For slabs fewer than threads;
+    arguments as for ``_group_norm_fused``. One call, two launches."""
     slab_length = (channels // num_groups) * spatial
     partial, refs = split_scratch(x, num_samples * num_groups, slab_length, num_parts)
     num_items = num_samples * num_groups * num_parts
     for item in numba.prange(num_items):
-        part_moments(x, slab_length, num_parts, item, refs[item // num_parts], partial, sum_type)
+        call_compiled(part_moments_at, (x, slab_length, num_parts, item, refs[item // num_parts],
+                                        partial, sum_type))  # fmt: skip
     for item in numba.prange(num_items):
-        apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, item, weight,
-                   bias, eps)  # fmt: skip
+        call_compiled(apply_part_at, (x, out, partial, refs, channels, spatial, num_groups,
+                                      num_parts, item, weight, bias, eps))  # fmt: skip
 
 
 group_norm_split = numba.njit(cache=True, parallel=True)(_group_norm_split)
@@ -551,19 +558,43 @@ def normalize_slabs_together(x, out, num_slabs, channels, spatial, num_groups, w
                            slab * num_threads + part, weight, bias, eps)  # fmt: skip
 
 
-def _group_norm_cooperative(x, out, num_samples, channels, spatial, num_groups, weight, bias, eps,
-                            sum_type, num_threads):  # fmt: skip
+def _group_norm_cooperative(together_at, x, out, num_samples, channels, spatial, num_groups,
+                            weight, bias, eps, sum_type, num_threads):  # fmt: skip
     """Normalize the slabs one after the other, each by all ``num_threads`` threads together, a
-    part each (``normalize_slabs_together``); arguments as for ``_group_norm_fused``. For slabs
-    larger than a core's L2: a thread's part is read again from its own L2. One launch; the threads
-    wait for each other once a slab, on atomic counters."""
+    part each (``normalize_slabs_together``, at ``together_at``: see ``cooperative_address``);
+    arguments as for ``_group_norm_fused``. For slabs larger than a core's L2: a thread's part is
+    read again from its own L2. One launch; the threads wait for each other once a slab, on atomic
+    counters."""
     num_slabs = num_samples * num_groups
     slab_length = (channels // num_groups) * spatial
     progress, partial, refs, started = cooperative_scratch(x, num_slabs, slab_length, num_threads)
     for thread in numba.prange(num_threads):
-        normalize_slabs_together(x, out, num_slabs, channels, spatial, num_groups, weight, bias,
-                                 eps, sum_type, thread, num_threads, progress, partial, refs,
-                                 started)  # fmt: skip
+        call_compiled(together_at, (x, out, num_slabs, channels, spatial, num_groups, weight, bias,
+                                    eps, sum_type, thread, num_threads, progress, partial, refs,
+                                    started))  # fmt: skip
 
 
 group_norm_cooperative = numba.njit(cache=True, parallel=True)(_group_norm_cooperative)
+
+
+# The addresses of the functions the split and cooperative kernels call, for a kernel's ``x`` (an
+# array, or an empty one of its dtype), ``out`` (None or such an array) and ``sum_type``: found from
+# examples of the values each call passes, in its order (any int stands for an int; PARTIAL, REFS
+# and COUNTERS for the scratch of ``split_scratch`` and ``atomics.cooperative_counters``). The fused
+# kernels' per-thread functions take the serial call's arguments (``api._callee_addresses``).
+
+
+def split_addresses(x, out, sum_type):
+    """``(part_moments, apply_part)``'s addresses for ``_group_norm_split``."""
+    return (
+        compiled_address(part_moments, (x, 0, 0, 0, 0.0, PARTIAL, sum_type)),
+        compiled_address(apply_part, (x, out, PARTIAL, REFS, 0, 0, 0, 0, 0, x, x, 0.0)),
+    )
+
+
+def cooperative_address(x, out, sum_type):
+    """``normalize_slabs_together``'s address for ``_group_norm_cooperative``."""
+    return compiled_address(
+        normalize_slabs_together,
+        (x, out, 0, 0, 0, 0, x, x, 0.0, sum_type, 0, 0, COUNTERS, PARTIAL, REFS, COUNTERS),
+    )

@@ -23,14 +23,16 @@ are normalized row by row, without lanes, by a kernel of their own (``group_norm
 samples larger than a core's L2 go one after the other, each by all threads together
 (``group_norm_cooperative``).
 Parallel loops only call functions compiled on their own (``normalize_samples``,
-``normalize_small_samples``, ``part_moments``, ``apply_part``, ``normalize_samples_together``): the
-same code inlined into a ``prange`` body ran at half the speed.
+``normalize_small_samples``, ``part_moments``, ``apply_part``, ``normalize_samples_together``), and
+call them through their addresses (``_compile.call_compiled``; the ``*_at`` arguments, as
+``split_addresses`` and ``cooperative_address`` find them): the same code inlined into a ``prange``
+body ran at half the speed, and linked into it took seconds more to compile.
 """
 
 import numba
 import numpy as np
 
-from ._compile import parallel_and_serial
+from ._compile import COUNTERS, PARTIAL, REFS, call_compiled, compiled_address, parallel_and_serial
 from .atomics import atomic_add, claim, cooperative_counters, wait_for
 from .moments import (
     APPLY_CHUNK,
@@ -753,13 +755,15 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
                         coefficients, lane_space)  # fmt: skip
 
 
-def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
-                      sum_type, num_chunks):  # fmt: skip
+def _group_norm_fused(normalize_samples_at, x, out, num_samples, spatial, channels, num_groups,
+                      weight, bias, eps, sum_type, num_chunks):  # fmt: skip
     """Normalize whole samples, ``num_chunks`` runs of them in parallel (``normalize_samples``,
     which serial calls run themselves: see ``_compile``).
 
     Parameters
     ----------
+    normalize_samples_at : int
+        ``normalize_samples``' address for these arguments (``_compile.compiled_address``).
     x : float32 or float64 array, shape (N * spatial * C,), C-contiguous
     out : array like ``x``, or None to normalize ``x`` in place
     weight, bias : arrays of x's dtype, shape (C,)
@@ -771,22 +775,22 @@ def _group_norm_fused(x, out, num_samples, spatial, channels, num_groups, weight
     """
     for chunk in numba.prange(num_chunks):
         first_sample, stop_sample = chunk_bounds(num_samples, num_chunks, chunk)
-        normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
-                          weight, bias, eps, sum_type)  # fmt: skip
+        call_compiled(normalize_samples_at, (x, out, first_sample, stop_sample, spatial, channels,
+                                             num_groups, weight, bias, eps, sum_type))  # fmt: skip
 
 
 group_norm_fused = numba.njit(cache=True, parallel=True)(_group_norm_fused)
 
 
-def _group_norm_small(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
-                      sum_type, num_chunks):  # fmt: skip
+def _group_norm_small(normalize_at, x, out, num_samples, spatial, channels, num_groups, weight,
+                      bias, eps, sum_type, num_chunks):  # fmt: skip
     """``_group_norm_fused`` for samples of at most ``SMALL_SAMPLE`` values, through
-    ``normalize_small_samples``. A kernel of its own, so that a first call compiles either the
-    channels-first path or the lanes, not both."""
+    ``normalize_small_samples`` (at ``normalize_at``). A kernel of its own, so that a first call
+    compiles either the channels-first path or the lanes, not both."""
     for chunk in numba.prange(num_chunks):
         first_sample, stop_sample = chunk_bounds(num_samples, num_chunks, chunk)
-        normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
-                                weight, bias, eps)  # fmt: skip
+        call_compiled(normalize_at, (x, out, first_sample, stop_sample, spatial, channels,
+                                     num_groups, weight, bias, eps))  # fmt: skip
 
 
 group_norm_small = numba.njit(cache=True, parallel=True)(_group_norm_small)
@@ -880,17 +884,19 @@ def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, 
                     lane_space)  # fmt: skip
 
 
-def _group_norm_split(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
-                      sum_type, num_parts):  # fmt: skip
+def _group_norm_split(part_moments_at, apply_part_at, x, out, num_samples, spatial, channels,
+                      num_groups, weight, bias, eps, sum_type, num_parts):  # fmt: skip
     """Normalize every sample in ``num_parts`` position ranges: the ranges' moments in one
-    parallel loop, then each range, with its sample's merged moments, in a second one. For
-    samples fewer than threads; arguments as for ``_group_norm_fused``. One call, two launches."""
+    parallel loop (``part_moments``), then each range, with its sample's merged moments, in a
+    second one (``apply_part``); their addresses from ``split_addresses``. For samples fewer than
+    threads; arguments as for ``_group_norm_fused``. One call, two launches."""
     partial, refs = split_scratch(x, num_samples, spatial, channels, num_groups, num_parts)
     for item in numba.prange(num_samples * num_parts):
-        part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum_type)
+        call_compiled(part_moments_at, (x, spatial, channels, num_groups, num_parts, item, partial,
+                                        sum_type))  # fmt: skip
     for item in numba.prange(num_samples * num_parts):
-        apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
-                   bias, eps)  # fmt: skip
+        call_compiled(apply_part_at, (x, out, partial, refs, spatial, channels, num_groups,
+                                      num_parts, item, weight, bias, eps))  # fmt: skip
 
 
 group_norm_split = numba.njit(cache=True, parallel=True)(_group_norm_split)
@@ -942,19 +948,37 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
                                 merge_space, apply_space)  # fmt: skip
 
 
-def _group_norm_cooperative(x, out, num_samples, spatial, channels, num_groups, weight, bias, eps,
-                            sum_type, num_threads):  # fmt: skip
+def _group_norm_cooperative(together_at, x, out, num_samples, spatial, channels, num_groups,
+                            weight, bias, eps, sum_type, num_threads):  # fmt: skip
     """Normalize the samples one after the other, each by all ``num_threads`` threads together,
-    a range of positions each (``normalize_samples_together``); arguments as for
-    ``_group_norm_fused``. For samples larger than a core's L2, which a thread alone would read
-    again from L3 or memory: a thread's range is read again from its own L2. One launch; the
-    threads wait for each other once a sample, on atomic counters."""
+    a range of positions each (``normalize_samples_together``, at ``together_at``: see
+    ``cooperative_address``); arguments as for ``_group_norm_fused``. For samples larger than a
+    core's L2, which a thread alone would read again from L3 or memory: a thread's range is read
+    again from its own L2. One launch; the threads wait for each other once a sample, on atomic
+    counters."""
     progress, partial, refs, started = cooperative_scratch(x, num_samples, spatial, channels,
                                                            num_groups, num_threads)  # fmt: skip
     for thread in numba.prange(num_threads):
-        normalize_samples_together(x, out, num_samples, spatial, channels, num_groups, weight,
-                                   bias, eps, sum_type, thread, num_threads, progress, partial,
-                                   refs, started)  # fmt: skip
+        call_compiled(together_at, (x, out, num_samples, spatial, channels, num_groups, weight,
+                                    bias, eps, sum_type, thread, num_threads, progress, partial,
+                                    refs, started))  # fmt: skip
 
 
 group_norm_cooperative = numba.njit(cache=True, parallel=True)(_group_norm_cooperative)
+
+
+# The addresses of the functions the split and cooperative kernels call, found as in ``nchw``.
+def split_addresses(x, out, sum_type):
+    """``(part_moments, apply_part)``'s addresses for ``_group_norm_split``."""
+    return (
+        compiled_address(part_moments, (x, 0, 0, 0, 0, 0, PARTIAL, sum_type)),
+        compiled_address(apply_part, (x, out, PARTIAL, REFS, 0, 0, 0, 0, 0, x, x, 0.0)),
+    )
+
+
+def cooperative_address(x, out, sum_type):
+    """``normalize_samples_together``'s address for ``_group_norm_cooperative``."""
+    return compiled_address(
+        normalize_samples_together,
+        (x, out, 0, 0, 0, 0, x, x, 0.0, sum_type, 0, 0, COUNTERS, PARTIAL, REFS, COUNTERS),
+    )
