@@ -276,11 +276,18 @@ def _plan(geometry: Geometry, channels_last: bool, in_place_itemsize: int = 0) -
 
 def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=False):
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
-    if channels_last:
-        kernel = nhwc.partial_moments_serial if serial else nhwc.partial_moments
-        return kernel(flat, n, s, c, g, parts, sum_type)
-    kernel = nchw.partial_moments_serial if serial else nchw.partial_moments
-    return kernel(flat, n, c, s, g, parts, sum_type)
+    layout = nhwc if channels_last else nchw
+    kernel = layout.partial_moments_serial if serial else layout.partial_moments
+    dims = (n, s, c, g) if channels_last else (n, c, s, g)
+    return kernel(_part_moments_address(layout, flat.dtype, type(sum_type)), flat, *dims, parts,
+                  sum_type)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=16)
+def _part_moments_address(layout: Any, dtype: np.dtype, sum_kind: type) -> int:
+    """``layout.part_moments_address`` (``layout``: a kernels module) for arrays of ``dtype`` and
+    moments summed in ``sum_kind``; cached, as ``_callee_addresses``."""
+    return layout.part_moments_address(np.empty(0, dtype), sum_kind(0))
 
 
 class _Kernels(NamedTuple):
@@ -308,6 +315,7 @@ def _forget_kernels() -> None:
     that replaces a kernel, before and after."""
     _kernels.cache_clear()
     _callee_addresses.cache_clear()
+    _part_moments_address.cache_clear()
     _SMALL_CALLS.clear()
 
 

@@ -460,8 +460,10 @@ def split_scratch(x, num_slabs, slab_length, num_parts):
     return partial, refs
 
 
-def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts, sum_type):
-    """Moments of ``num_parts`` pieces of every slab, for when slabs are fewer than threads.
+def _partial_moments(part_moments_at, x, num_samples, channels, spatial, num_groups, num_parts,
+                     sum_type):  # fmt: skip
+    """Moments of ``num_parts`` pieces of every slab (``part_moments``, at ``part_moments_at``: see
+    ``part_moments_address``), for when slabs are fewer than threads.
 
     Returns
     -------
@@ -473,7 +475,8 @@ def _partial_moments(x, num_samples, channels, spatial, num_groups, num_parts, s
     slab_length = (channels // num_groups) * spatial
     partial, refs = split_scratch(x, num_samples * num_groups, slab_length, num_parts)
     for item in numba.prange(num_samples * num_groups * num_parts):
-        part_moments(x, slab_length, num_parts, item, refs[item // num_parts], partial, sum_type)
+        call_compiled(part_moments_at, (x, slab_length, num_parts, item, refs[item // num_parts],
+                                        partial, sum_type))  # fmt: skip
     return partial, refs
 
 
@@ -584,10 +587,15 @@ group_norm_cooperative = numba.njit(cache=True, parallel=True)(_group_norm_coope
 # kernels' per-thread functions take the serial call's arguments (``api._callee_addresses``).
 
 
+def part_moments_address(x, sum_type):
+    """``part_moments``' address for ``_partial_moments`` and ``_group_norm_split``."""
+    return compiled_address(part_moments, (x, 0, 0, 0, 0.0, PARTIAL, sum_type))
+
+
 def split_addresses(x, out, sum_type):
     """``(part_moments, apply_part)``'s addresses for ``_group_norm_split``."""
     return (
-        compiled_address(part_moments, (x, 0, 0, 0, 0.0, PARTIAL, sum_type)),
+        part_moments_address(x, sum_type),
         compiled_address(apply_part, (x, out, PARTIAL, REFS, 0, 0, 0, 0, 0, x, x, 0.0)),
     )
 

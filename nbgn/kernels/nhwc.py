@@ -836,8 +836,10 @@ def split_scratch(x, num_samples, spatial, channels, num_groups, num_parts):
     return partial, refs
 
 
-def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, sum_type):
-    """Moments of ``num_parts`` position ranges of every sample, for when samples are few.
+def _partial_moments(part_moments_at, x, num_samples, spatial, channels, num_groups, num_parts,
+                     sum_type):  # fmt: skip
+    """Moments of ``num_parts`` position ranges of every sample (``part_moments``, at
+    ``part_moments_at``: see ``part_moments_address``), for when samples are few.
 
     Returns
     -------
@@ -848,7 +850,8 @@ def _partial_moments(x, num_samples, spatial, channels, num_groups, num_parts, s
     """
     partial, refs = split_scratch(x, num_samples, spatial, channels, num_groups, num_parts)
     for item in numba.prange(num_samples * num_parts):
-        part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum_type)
+        call_compiled(part_moments_at, (x, spatial, channels, num_groups, num_parts, item, partial,
+                                        sum_type))  # fmt: skip
     return partial, refs
 
 
@@ -968,10 +971,15 @@ group_norm_cooperative = numba.njit(cache=True, parallel=True)(_group_norm_coope
 
 
 # The addresses of the functions the split and cooperative kernels call, found as in ``nchw``.
+def part_moments_address(x, sum_type):
+    """``part_moments``' address for ``_partial_moments`` and ``_group_norm_split``."""
+    return compiled_address(part_moments, (x, 0, 0, 0, 0, 0, PARTIAL, sum_type))
+
+
 def split_addresses(x, out, sum_type):
     """``(part_moments, apply_part)``'s addresses for ``_group_norm_split``."""
     return (
-        compiled_address(part_moments, (x, 0, 0, 0, 0, 0, PARTIAL, sum_type)),
+        part_moments_address(x, sum_type),
         compiled_address(apply_part, (x, out, PARTIAL, REFS, 0, 0, 0, 0, 0, x, x, 0.0)),
     )
 
