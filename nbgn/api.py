@@ -296,7 +296,7 @@ class _Kernels(NamedTuple):
 
     ``serial`` is the function each of ``fused``'s threads runs on its run of units, called
     directly with ``serial_dims`` (all the units) and, if ``serial_sums``, ``sum_type``: a serial
-    twin of ``fused`` would compile that function again inside its own (see ``_compile``).
+    twin of ``fused`` would be one more kernel to compile, load and dispatch.
     ``layout`` is the kernels' module, whose ``split_addresses`` and ``cooperative_address`` find
     what ``split`` and ``cooperative`` call."""
 
@@ -314,7 +314,7 @@ def _forget_kernels() -> None:
     """Forget the kernels chosen for earlier calls (``_kernels`` and ``_SMALL_CALLS``): for a test
     that replaces a kernel, before and after."""
     _kernels.cache_clear()
-    _callee_addresses.cache_clear()
+    _addresses.cache_clear()
     _part_moments_address.cache_clear()
     _SMALL_CALLS.clear()
 
@@ -343,23 +343,30 @@ def _kernels(geometry: Geometry, channels_last: bool, itemsize: int, affine: boo
                     nchw.group_norm_fused, *others)  # fmt: skip
 
 
-@functools.lru_cache(maxsize=256)
-def _callee_addresses(
-    kernels: _Kernels, dtype: np.dtype, in_place: bool, sum_kind: type, kernel: str
-) -> tuple[int, ...]:
+def _callee_addresses(kernels: _Kernels, dtype: np.dtype, in_place: bool, sum_type: Any,
+                      kernel: str) -> tuple[int, ...]:  # fmt: skip
     """The addresses of the functions that ``kernels``' parallel ``kernel`` ("fused", "split" or
     "cooperative") calls (see ``_compile``), for arrays of ``dtype``, in place or not, and moments
-    summed in ``sum_kind`` (the type of ``sum_type``: its zero of one type equals the other's).
-    Cached: finding them types a dozen example values."""
+    summed in the type of ``sum_type``."""
+    return _addresses(kernels.serial, len(kernels.serial_dims), kernels.serial_sums,
+                      kernels.layout, dtype, in_place, type(sum_type), kernel)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _addresses(serial: Any, serial_ints: int, serial_sums: bool, layout: Any, dtype: np.dtype,
+               in_place: bool, sum_kind: type, kernel: str) -> tuple[int, ...]:  # fmt: skip
+    """``_callee_addresses``, from what decides the callees' types: not the shape, so that one
+    entry serves every shape (``sum_kind`` is a type, since a float32 zero equals a float64
+    one). Cached: finding them types a dozen example values."""
     x = np.empty(0, dtype)
     out = None if in_place else x
     sum_type = sum_kind(0)
     if kernel == "cooperative":
-        return (kernels.layout.cooperative_address(x, out, sum_type),)
+        return (layout.cooperative_address(x, out, sum_type),)
     if kernel == "split":
-        return kernels.layout.split_addresses(x, out, sum_type)
-    sums = (sum_type,) if kernels.serial_sums else ()
-    return (compiled_address(kernels.serial, (x, out, *kernels.serial_dims, x, x, 0.0, *sums)),)
+        return layout.split_addresses(x, out, sum_type)
+    sums = (sum_type,) if serial_sums else ()
+    return (compiled_address(serial, (x, out, *(0,) * serial_ints, x, x, 0.0, *sums)),)
 
 
 def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
@@ -390,7 +397,7 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     # addresses of the functions its threads call.
     arguments = (source, target, *kernels.dims, weight, bias, eps, sum_type)
     kernel = "cooperative" if plan.cooperative else "fused" if plan.parts == 1 else "split"
-    addresses = _callee_addresses(kernels, source.dtype, out is None, type(sum_type), kernel)
+    addresses = _callee_addresses(kernels, source.dtype, out is None, sum_type, kernel)
     with _threading.kernel_guard():
         if plan.cooperative:
             kernels.cooperative(*addresses, *arguments, plan.parts)

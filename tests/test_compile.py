@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from nbgn import api
-from nbgn.kernels import nhwc
+from nbgn.kernels import _compile, nchw, nhwc
 from nbgn.kernels._compile import call_compiled, callee_type, compiled_address
 
 
@@ -50,7 +50,7 @@ def test_parallel_kernels_leave_their_callees_code_out():
     fresh = numba.njit(parallel=True)(nhwc._group_norm_small)  # not from the cache: inspectable
     kernels = api._kernels(api.Geometry(64, 16, 64, 4, True), True, 4, True)
     assert kernels.serial is nhwc.normalize_small_samples
-    address = api._callee_addresses(kernels, x.dtype, False, np.float32, "fused")[0]
+    address = api._callee_addresses(kernels, x.dtype, False, np.float32(0), "fused")[0]
     out = np.empty_like(x)
     fresh(address, x, out, *dims, weight, bias, 1e-5, np.float32(0), 2)
     np.testing.assert_array_equal(out, expected)
@@ -68,3 +68,61 @@ def _small_samples_by_name(x, out, num_samples, spatial, channels, num_groups, w
         first, stop = nhwc.chunk_bounds(num_samples, num_chunks, chunk)
         nhwc.normalize_small_samples(x, out, first, stop, spatial, channels, num_groups, weight,
                                      bias, eps)  # fmt: skip
+
+
+#: A geometry (N, C, spatial, G, channels last) for each parallel kernel and call kind: NCHW
+#: slabs, slabs through weight patterns (float32; float64 takes the slabs), split units and
+#: cooperative ones; NHWC samples, small samples, split and cooperative ones.
+GEOMETRIES = [
+    ((4, 32, 1024, 8, False), "fused"),
+    ((2, 24, 36, 2, False), "fused"),
+    ((1, 32, 4096, 8, False), "split"),
+    ((1, 8, 65536, 1, False), "cooperative"),
+    ((4, 64, 1024, 8, True), "fused"),
+    ((64, 16, 64, 4, True), "fused"),
+    ((1, 16, 4096, 4, True), "split"),
+    ((1, 8, 65536, 1, True), "cooperative"),
+]
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "out of place"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernels_pass_the_types_their_addresses_were_found_for(monkeypatch, dtype, in_place):
+    """Each parallel kernel, compiled afresh, passes its callees exactly the types for which the
+    API finds their addresses: a mismatch would call code compiled for other arrays. (The callees
+    themselves are not compiled: the addresses found here are never called.)"""
+    found = set()
+
+    def record(function, examples):
+        found.add(tuple(callee_type(numba.typeof(value)) for value in examples))
+        return 1
+
+    for module in (api, nchw, nhwc):
+        monkeypatch.setattr(module, "compiled_address", record)
+    monkeypatch.setattr(_compile, "LOWERED_CALLS", set())
+    api._forget_kernels()
+    kinds = set()
+    try:
+        for (n, c, s, g, last), kind in GEOMETRIES:
+            geometry = api.Geometry(n, c, s, g, last)
+            kernels = api._kernels(geometry, last, np.dtype(dtype).itemsize, True)
+            body = getattr(kernels, kind).py_func
+            kinds.add((body.__module__, body.__qualname__))
+            x = np.zeros(n * c * s, dtype)
+            affine = np.ones(c, dtype)
+            for sum_type in (dtype(0), 0.0):
+                addresses = api._callee_addresses(kernels, x.dtype, in_place, sum_type, kind)
+                arguments = (*addresses, x, None if in_place else x, *kernels.dims, affine,
+                             affine, 1e-5, sum_type, 2)  # fmt: skip
+                fresh = numba.njit(parallel=True)(body)
+                fresh.compile(tuple(numba.typeof(value) for value in arguments))
+        for module in (nchw, nhwc):  # group_moments' kernel, in float64 sums
+            address = module.part_moments_address(x, 0.0)
+            fresh = numba.njit(parallel=True)(module._partial_moments)
+            fresh.compile(tuple(numba.typeof(v) for v in (address, x, 1, 8, 4096, 1, 2, 0.0)))
+    finally:
+        api._forget_kernels()
+    expected_kinds = 8 if dtype is np.float32 else 7  # float64 has no weight patterns
+    assert len(kinds) == expected_kinds
+    assert _compile.LOWERED_CALLS  # the intrinsic recorded the calls it compiled
+    assert found == _compile.LOWERED_CALLS

@@ -54,6 +54,11 @@ def callee_type(numba_type):
     return numba_type
 
 
+#: The argument types of every ``call_compiled`` compiled in this process (none are when a kernel
+#: loads from the cache): a test compares them with the signatures ``compiled_address`` compiles.
+LOWERED_CALLS: set = set()
+
+
 @intrinsic
 def call_compiled(typingctx, address, arguments):
     """Call the compiled function at ``address`` (from ``compiled_address``) with the tuple
@@ -72,6 +77,7 @@ def call_compiled(typingctx, address, arguments):
     signature = numba_types.none(address, arguments)
 
     def codegen(context, builder, sig, args):
+        LOWERED_CALLS.add(expected)
         function_type = context.call_conv.get_function_type(numba_types.none, expected)
         callee = builder.inttoptr(args[0], function_type.as_pointer())
         values = [
@@ -108,6 +114,10 @@ def compiled_address(function, example_arguments) -> int:
     if address is None:
         function.compile(signature)
         compiled = function.overloads[signature]
+        if compiled.signature.return_type != numba_types.none:
+            raise TypeError(f"{function} returns a value: call_compiled takes none")
         address = compiled.library.get_pointer_to_function(compiled.fndesc.mangled_name)
+        if not address:
+            raise RuntimeError(f"no compiled code of {function} for {signature}")
         _ADDRESSES[key] = address
     return address

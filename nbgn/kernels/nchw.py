@@ -522,7 +522,9 @@ def _group_norm_split(part_moments_at, apply_part_at, x, out, num_samples, chann
                                       num_parts, item, weight, bias, eps))  # fmt: skip
 
 
-group_norm_split = numba.njit(cache=True, parallel=True)(_group_norm_split)
+# Not fused into one loop: each piece needs the moments of all its unit's pieces. Numba sees no
+# dependence between the loops, whose calls through addresses hide their array arguments.
+group_norm_split = numba.njit(cache=True, parallel={"fusion": False})(_group_norm_split)
 
 
 @numba.njit(cache=True)
