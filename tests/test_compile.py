@@ -97,7 +97,7 @@ def test_kernels_pass_the_types_their_addresses_were_found_for(monkeypatch, dtyp
         found.add(tuple(callee_type(numba.typeof(value)) for value in examples))
         return 1
 
-    for module in (api, nchw, nhwc):
+    for module in (api, nchw, nhwc, _compile):
         monkeypatch.setattr(module, "compiled_address", record)
     monkeypatch.setattr(_compile, "LOWERED_CALLS", set())
     api._forget_kernels()

@@ -98,11 +98,6 @@ def call_compiled(typingctx, address, arguments):
 
 _ADDRESSES: dict = {}
 
-#: Examples of the scratch the split and cooperative kernels pass their callees, for
-#: ``compiled_address``: the moments of parts, the groups' reference values (float64) and the
-#: counters of ``atomics.cooperative_counters``.
-PARTIAL, REFS, COUNTERS = np.empty((0, 3)), np.empty(0), np.empty(0, np.int64)
-
 
 def compiled_address(function, example_arguments) -> int:
     """The address of ``function`` (a ``numba.njit`` dispatcher) compiled for the types of
@@ -121,3 +116,28 @@ def compiled_address(function, example_arguments) -> int:
             raise RuntimeError(f"no compiled code of {function} for {signature}")
         _ADDRESSES[key] = address
     return address
+
+
+# The addresses of the functions the split and cooperative kernels of both layouts call, for a
+# kernel's ``x`` (an array, or an empty one of its dtype), ``out`` (None or such an array) and
+# ``sum_type``: found from examples of the values each call passes, in its order (any int stands
+# for an int). The fused kernels' per-thread functions take the serial call's arguments
+# (``api._addresses``).
+
+#: Examples of the scratch the split and cooperative kernels pass: the moments of parts, the
+#: groups' reference values (float64) and the counters of ``atomics.cooperative_counters``.
+PARTIAL, REFS, COUNTERS = np.empty((0, 3)), np.empty(0), np.empty(0, np.int64)
+
+
+def apply_part_address(apply_part, x, out):
+    """A layout's ``apply_part``: ``(x, out, partial, refs, 5 ints, weight, bias, eps)``."""
+    return compiled_address(apply_part, (x, out, PARTIAL, REFS, 0, 0, 0, 0, 0, x, x, 0.0))
+
+
+def together_address(together, x, out, sum_type):
+    """A layout's share of a cooperative kernel (``normalize_slabs_together``,
+    ``normalize_samples_together``): ``(x, out, 4 ints, weight, bias, eps, sum_type, thread,
+    num_threads, progress, partial, refs, started)``."""
+    return compiled_address(
+        together, (x, out, 0, 0, 0, 0, x, x, 0.0, sum_type, 0, 0, COUNTERS, PARTIAL, REFS, COUNTERS)
+    )

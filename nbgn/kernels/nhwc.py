@@ -32,7 +32,8 @@ body ran at half the speed, and linked into it took seconds more to compile.
 import numba
 import numpy as np
 
-from ._compile import COUNTERS, PARTIAL, REFS, call_compiled, compiled_address, parallel_and_serial
+from . import _compile
+from ._compile import PARTIAL, call_compiled, compiled_address, parallel_and_serial
 from .atomics import atomic_add, claim, cooperative_counters, wait_for
 from .moments import (
     APPLY_CHUNK,
@@ -972,7 +973,7 @@ def _group_norm_cooperative(together_at, x, out, num_samples, spatial, channels,
 group_norm_cooperative = numba.njit(cache=True, parallel=True)(_group_norm_cooperative)
 
 
-# The addresses of the functions the split and cooperative kernels call, found as in ``nchw``.
+# The addresses of what the split and cooperative kernels call (see ``_compile.PARTIAL``).
 def part_moments_address(x, sum_type):
     """``part_moments``' address for ``_partial_moments`` and ``_group_norm_split``."""
     return compiled_address(part_moments, (x, 0, 0, 0, 0, 0, PARTIAL, sum_type))
@@ -980,15 +981,9 @@ def part_moments_address(x, sum_type):
 
 def split_addresses(x, out, sum_type):
     """``(part_moments, apply_part)``'s addresses for ``_group_norm_split``."""
-    return (
-        part_moments_address(x, sum_type),
-        compiled_address(apply_part, (x, out, PARTIAL, REFS, 0, 0, 0, 0, 0, x, x, 0.0)),
-    )
+    return part_moments_address(x, sum_type), _compile.apply_part_address(apply_part, x, out)
 
 
 def cooperative_address(x, out, sum_type):
     """``normalize_samples_together``'s address for ``_group_norm_cooperative``."""
-    return compiled_address(
-        normalize_samples_together,
-        (x, out, 0, 0, 0, 0, x, x, 0.0, sum_type, 0, 0, COUNTERS, PARTIAL, REFS, COUNTERS),
-    )
+    return _compile.together_address(normalize_samples_together, x, out, sum_type)
