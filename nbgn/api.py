@@ -286,7 +286,7 @@ def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=Fals
 @functools.lru_cache(maxsize=16)
 def _part_moments_address(layout: Any, dtype: np.dtype, sum_kind: type) -> int:
     """``layout.part_moments_address`` (``layout``: a kernels module) for arrays of ``dtype`` and
-    moments summed in ``sum_kind``; cached, as ``_callee_addresses``."""
+    moments summed in ``sum_kind``; cached, as ``_addresses``."""
     return layout.part_moments_address(np.empty(0, dtype), sum_kind(0))
 
 
@@ -311,8 +311,8 @@ class _Kernels(NamedTuple):
 
 
 def _forget_kernels() -> None:
-    """Forget the kernels chosen for earlier calls (``_kernels`` and ``_SMALL_CALLS``): for a test
-    that replaces a kernel, before and after."""
+    """Forget the kernels chosen for earlier calls (``_kernels``, ``_SMALL_CALLS``) and their
+    callees' addresses: for a test that replaces a kernel, before and after."""
     _kernels.cache_clear()
     _addresses.cache_clear()
     _part_moments_address.cache_clear()
