@@ -395,14 +395,13 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     # One unit per thread (fused), units split into parts when they are fewer, or large units one
     # after the other by all threads (cooperative); see _schedule. Each kernel is given the
     # addresses of the functions its threads call.
-    arguments = (source, target, *kernels.dims, weight, bias, eps, sum_type)
-    kernel = "cooperative" if plan.cooperative else "fused" if plan.parts == 1 else "split"
-    addresses = _callee_addresses(kernels, source.dtype, out is None, sum_type, kernel)
+    if plan.cooperative:
+        kind, kernel, count = "cooperative", kernels.cooperative, plan.parts
+    elif plan.parts == 1:
+        kind, kernel, count = "fused", kernels.fused, plan.chunks
+    else:
+        kind, kernel, count = "split", kernels.split, plan.parts
+    addresses = _callee_addresses(kernels, source.dtype, out is None, sum_type, kind)
     with _threading.kernel_guard():
-        if plan.cooperative:
-            kernels.cooperative(*addresses, *arguments, plan.parts)
-        elif plan.parts == 1:
-            kernels.fused(*addresses, *arguments, plan.chunks)
-        else:
-            kernels.split(*addresses, *arguments, plan.parts)
+        kernel(*addresses, source, target, *kernels.dims, weight, bias, eps, sum_type, count)
     return x if out is None else out
