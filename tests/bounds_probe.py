@@ -88,6 +88,7 @@ def main() -> None:
         for name, value in thresholds.items():
             setattr(_schedule, name, value)
         _schedule._parallel_plan.cache_clear()
+        api._forget_kernels()  # the calls remembered under the other thresholds
         for shape, groups in CASES:
             for layout in ("NCHW", "NHWC"):
                 for dtype in ("float32", "float64"):

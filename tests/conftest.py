@@ -7,6 +7,16 @@ def rng():
     return np.random.default_rng(20181231)
 
 
+@pytest.fixture(autouse=True)
+def _forget_known_calls():
+    """Every test's calls choose their kernels afresh: a call another test made under its own
+    monkeypatched schedule (a forced plan, a lowered threshold) must not be replayed in this one
+    (``api._known_call``)."""
+    from nbgn import api
+
+    api._KNOWN_CALLS.clear()
+
+
 def pytest_collection_modifyitems(config, items):
     import os
 

@@ -1,6 +1,8 @@
-"""The small-call fast path (``api._small_call``): the same results as the general path, and
-every call it is not sure of left to the general path, with its errors and conversions."""
+"""The fast path of calls in the usual form (``api._known_call``): the same call as the general
+path made, small or parallel, and every call it is not sure of left to the general path, with its
+errors and conversions."""
 
+import numba
 import numpy as np
 import pytest
 from reference import make_input, reference_group_norm, tolerance
@@ -64,7 +66,7 @@ def test_second_call_takes_the_fast_path_with_identical_results(
     rng, general_path_calls, shape, groups, layout, dtype, affine, in_place
 ):
     x, weight, bias = _inputs(rng, layout, dtype, affine, shape)
-    api._SMALL_CALLS.clear()
+    api._KNOWN_CALLS.clear()
     results = []
     for _ in range(2):
         source = x.copy()
@@ -102,7 +104,7 @@ def test_calls_it_is_not_sure_of_take_the_general_path(rng, general_path_calls, 
     """After a registered call, each variant is normalized as the general path would (converted
     weights, float64 sums for eps=0, ...), not by the remembered kernel with its arguments."""
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._SMALL_CALLS.clear()
+    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     nbgn.group_norm(x, GROUPS)
     kwargs = {}
@@ -171,7 +173,7 @@ def test_calls_it_is_not_sure_of_take_the_general_path(rng, general_path_calls, 
 )
 def test_errors_after_a_registered_call(rng, change, error, match):
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._SMALL_CALLS.clear()
+    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     arguments = {"num_groups": GROUPS, "weight": weight, "bias": bias, "eps": 1e-5, **change}
     before = x.copy()
@@ -182,7 +184,7 @@ def test_errors_after_a_registered_call(rng, change, error, match):
 
 def test_read_only_in_place_is_refused_after_a_registered_call(rng):
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._SMALL_CALLS.clear()
+    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias, out=x.copy())
     x.flags.writeable = False
     with pytest.raises(ValueError, match="out is read-only"):
@@ -195,7 +197,7 @@ def test_mutated_arrays_are_checked_again(rng):
     """The memo is of shapes and dtypes, not of arrays: an array reshaped or retyped in place
     after a fast call is checked again."""
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._SMALL_CALLS.clear()
+    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     nbgn.group_norm(x, GROUPS, weight, bias)
     weight.shape = (2, 4)
@@ -211,7 +213,7 @@ def test_a_lowered_serial_threshold_reaches_the_parallel_kernels(rng, monkeypatc
     """Tests force the parallel paths on small inputs by lowering SERIAL_ELEMENTS: a remembered
     small call must not keep them on the serial kernel."""
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._SMALL_CALLS.clear()
+    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     plans = []
     plan = _schedule.plan
@@ -223,17 +225,17 @@ def test_a_lowered_serial_threshold_reaches_the_parallel_kernels(rng, monkeypatc
 
 
 def test_the_memo_is_bounded(rng):
-    api._SMALL_CALLS.clear()
+    api._KNOWN_CALLS.clear()
     for spatial in range(1, 1100):
         nbgn.group_norm(np.ones((1, 4, spatial), np.float32), 2)
-    assert 0 < len(api._SMALL_CALLS) <= 1024
+    assert 0 < len(api._KNOWN_CALLS) <= 1024
 
 
 def test_layouts_that_are_not_str_take_the_general_path(rng):
     """A 0-d array equal to 'NCHW' was accepted before the fast path existed (the check compares);
     it must still be, not fail on hashing a key."""
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._SMALL_CALLS.clear()
+    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     np.testing.assert_allclose(nbgn.group_norm(x, GROUPS, weight, bias, layout=np.array("NCHW")),
                                reference_group_norm(x, GROUPS, weight, bias), atol=1e-5)  # fmt: skip
@@ -268,9 +270,78 @@ def test_a_lowered_pool_threshold_reaches_the_pool(rng, monkeypatch):
     from nbgn import _output_pool
 
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._SMALL_CALLS.clear()
+    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     monkeypatch.setattr(_output_pool, "MIN_BYTES", x.nbytes)
     result = nbgn.group_norm(x, GROUPS, weight, bias)
     assert isinstance(result.base, _output_pool._Lease)
     np.testing.assert_allclose(result, reference_group_norm(x, GROUPS, weight, bias), atol=1e-5)
+
+
+# (N, C, *spatial) channels first, num_groups, float dtype, in place: calls of 2 threads that take
+# the fused kernel (24 NCHW slabs, 6 NHWC samples), the split one (one group, allocating) and the
+# cooperative one (one 2 MiB group in place).
+PARALLEL_CASES = [
+    ((6, 16, 48, 48), 4, np.float32, False, "fused"),
+    ((1, 16, 128, 128), 1, np.float32, False, "split"),
+    ((1, 16, 128, 128), 1, np.float64, True, "cooperative"),
+]
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 or more Numba threads")
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize(("shape", "groups", "dtype", "in_place", "kernel"), PARALLEL_CASES,
+                         ids=[case[-1] for case in PARALLEL_CASES])  # fmt: skip
+def test_a_parallel_call_is_replayed_with_identical_results(
+    rng, general_path_calls, shape, groups, dtype, in_place, kernel, layout
+):
+    """The second call replays the first one's parallel kernel, addresses and counts."""
+    from nbgn.kernels import nchw, nhwc
+
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        x, weight, bias = _inputs(rng, layout, dtype, True, shape)
+        results = []
+        for _ in range(2):
+            source = x.copy()
+            result = nbgn.group_norm(source, groups, weight, bias, layout=layout,
+                                     out=source if in_place else None)  # fmt: skip
+            results.append(result)
+    finally:
+        numba.set_num_threads(before)
+    assert len(general_path_calls) == 1  # the first call only
+    [call] = api._KNOWN_CALLS.values()
+    module = nhwc if layout == "NHWC" else nchw
+    assert call.parallel
+    assert call.kernel is getattr(module, f"group_norm_{kernel}")
+    np.testing.assert_array_equal(results[1], results[0])
+    expected = reference_group_norm(x, groups, weight, bias, 1e-5, layout)
+    np.testing.assert_allclose(results[1], expected, atol=tolerance(dtype))
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 or more Numba threads")
+def test_the_thread_count_and_a_serial_child_decide_again(rng, general_path_calls, monkeypatch):
+    """A call remembered on two threads is not replayed on one, nor where parallel kernels must
+    not run (a child forked after GNU OpenMP ran: ``_threading.serial_only``): those calls are
+    planned again, serially; back on two threads, the parallel call is replayed."""
+    from nbgn import _threading
+
+    shape, groups, dtype, _, _ = PARALLEL_CASES[0]
+    x, weight, bias = _inputs(rng, "NCHW", dtype, True, shape)
+    expected = reference_group_norm(x, groups, weight, bias)
+    before = numba.get_num_threads()
+    kinds = []
+    try:
+        for threads, serial_only in ((2, False), (1, False), (2, True), (2, False)):
+            numba.set_num_threads(threads)
+            monkeypatch.setitem(_threading._choice, "serial_only", serial_only)
+            calls = len(general_path_calls)
+            result = nbgn.group_norm(x, groups, weight, bias)
+            np.testing.assert_allclose(result, expected, atol=tolerance(dtype))
+            key = (x.shape, x.dtype, groups, "NCHW", False, False, api._plan_threads())
+            kinds.append((len(general_path_calls) - calls, api._KNOWN_CALLS[key].parallel))
+    finally:
+        numba.set_num_threads(before)
+    # The serial child's key is one thread's: planned once, on one thread, and then replayed.
+    assert kinds == [(1, True), (1, False), (0, False), (0, True)]
