@@ -157,6 +157,12 @@ def num_threads() -> int:
     return numba.get_num_threads()
 
 
+def running_num_threads() -> int | None:
+    """``num_threads()`` once Numba's threads run, else None: without starting them, as
+    ``numba.get_num_threads()`` does (after which, on GNU OpenMP, forked children run serially)."""
+    return num_threads() if _numba_parallel._is_initialized else None
+
+
 def serial_only() -> bool:
     """True in a child forked after GNU OpenMP threads ran: parallel kernels would kill it."""
     return _choice["serial_only"]

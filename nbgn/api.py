@@ -128,7 +128,7 @@ class _KnownCall(NamedTuple):
 
 
 #: Calls the general path ran, by (shape, dtype, num_groups, layout, weight is None, in place,
-#: threads): see ``_plan_threads``.
+#: threads): see ``_call_key``.
 _KNOWN_CALLS: dict[tuple[Any, ...], _KnownCall] = {}
 
 
@@ -137,17 +137,17 @@ def _known_call(x, num_groups, weight, bias, eps, layout, out):
 
     Validation, the memory order, the schedule and the callees' addresses cost a few
     microseconds a call, as much as a small kernel, so the usual form replays what the general
-    path chose (``_remember_call``) for the same key: a (shape, dtype, num_groups, layout, thread
-    count) a valid call had before, ``x`` C-contiguous, ``weight`` and ``bias`` both None or both
-    C-contiguous arrays of x's dtype and shape (C,), ``eps`` a float in the range summed in x's
-    precision, and ``out`` None or ``x``. Anything else, errors included, takes the general path.
-    Measured with weight and bias: (2, 8, 4, 4)/4 allocating, 2.26 -> 1.88 us a call; one group
-    of (1, 8, 256, 256) in place, 55.8 -> 52.9 us on one thread, 45.5 -> 37.7 us on two (more
-    than the general path's Python takes on hot caches: a parallel kernel has just evicted them).
+    path chose (``_remember_call``) for the same key (``_call_key``): a shape, dtype, num_groups,
+    layout, weight or none, in place or not, and thread count that a valid call had before;
+    ``x`` C-contiguous (and writeable, in place); ``weight`` and ``bias`` both None or both
+    C-contiguous arrays of x's dtype and shape (C,); ``eps`` a float in the range summed in x's
+    precision; ``out`` None or ``x``. Anything else, errors included, takes the general path.
+    Measured with weight and bias, general path -> known call: (2, 8, 4, 4)/4 allocating, 3.94
+    -> 2.54 us a call; one group of (1, 8, 256, 256) in place, 55.8 -> 52.9 us on one thread,
+    45.5 -> 37.7 us on two (more than the general path's Python takes on hot caches: a parallel
+    kernel has just evicted them).
     """
-    threads = 0 if x.size < _schedule.SERIAL_ELEMENTS else _plan_threads()
-    key = (x.shape, x.dtype, num_groups, layout, weight is None, out is x, threads)
-    call = _KNOWN_CALLS.get(key)
+    call = _KNOWN_CALLS.get(_call_key(x, num_groups, layout, weight is None, out is x))
     if call is None or not moments.NATIVE_MIN_EPS <= eps < math.inf or not x.flags.c_contiguous:
         return None
     kernel, head, dims, tail, parallel, channels, default_weight, default_bias = call
@@ -182,11 +182,20 @@ def _known_call(x, num_groups, weight, bias, eps, layout, out):
     return out
 
 
-def _plan_threads():
-    """The threads a plan for a call of ``_schedule.SERIAL_ELEMENTS`` or more depends on: one in
-    a child that must run serially. (Smaller calls run serially whatever the threads: 0 in the
-    keys of ``_KNOWN_CALLS``.)"""
-    return 1 if _threading.serial_only() else _threading.num_threads()
+def _call_key(x, num_groups, layout, unweighted, in_place):
+    """The key of ``_KNOWN_CALLS``: what decides the kernel and its arguments, given the usual form.
+
+    A call below ``_schedule.SERIAL_ELEMENTS`` runs serially whatever the threads (0); a larger
+    one's plan depends on their number, which is 1 in a child that must run serially and None
+    before Numba's threads run: no such call has been planned then (planning starts them), and
+    a key built for a call that will be refused must not start them."""
+    if x.size < _schedule.SERIAL_ELEMENTS:
+        threads = 0
+    elif _threading.serial_only():
+        threads = 1
+    else:
+        threads = _threading.running_num_threads()
+    return (x.shape, x.dtype, num_groups, layout, unweighted, in_place, threads)
 
 
 def _remember_call(x, geometry, affine, in_place, call):
@@ -194,8 +203,7 @@ def _remember_call(x, geometry, affine, in_place, call):
     moments summed in its precision) for ``_known_call``: ``call`` is (kernel, head, dims, tail,
     parallel)."""
     layout = "NHWC" if geometry.channels_last else "NCHW"
-    threads = 0 if x.size < _schedule.SERIAL_ELEMENTS else _plan_threads()
-    key = (x.shape, x.dtype, geometry.num_groups, layout, not affine, in_place, threads)
+    key = _call_key(x, geometry.num_groups, layout, not affine, in_place)
     if key not in _KNOWN_CALLS:
         if len(_KNOWN_CALLS) >= 1024:
             _KNOWN_CALLS.clear()

@@ -9,9 +9,9 @@ def rng():
 
 @pytest.fixture(autouse=True)
 def _forget_known_calls():
-    """Every test's calls choose their kernels afresh: a call another test made under its own
-    monkeypatched schedule (a forced plan, a lowered threshold) must not be replayed in this one
-    (``api._known_call``)."""
+    """Every test's first call of a kind takes the general path: a call another test made under
+    its own monkeypatched schedule (a forced plan, a lowered threshold) must not be replayed in
+    this one (``api._known_call``)."""
     from nbgn import api
 
     api._KNOWN_CALLS.clear()

@@ -2,6 +2,10 @@
 path made, small or parallel, and every call it is not sure of left to the general path, with its
 errors and conversions."""
 
+import subprocess
+import sys
+import textwrap
+
 import numba
 import numpy as np
 import pytest
@@ -66,7 +70,6 @@ def test_second_call_takes_the_fast_path_with_identical_results(
     rng, general_path_calls, shape, groups, layout, dtype, affine, in_place
 ):
     x, weight, bias = _inputs(rng, layout, dtype, affine, shape)
-    api._KNOWN_CALLS.clear()
     results = []
     for _ in range(2):
         source = x.copy()
@@ -104,7 +107,6 @@ def test_calls_it_is_not_sure_of_take_the_general_path(rng, general_path_calls, 
     """After a registered call, each variant is normalized as the general path would (converted
     weights, float64 sums for eps=0, ...), not by the remembered kernel with its arguments."""
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     nbgn.group_norm(x, GROUPS)
     kwargs = {}
@@ -172,9 +174,9 @@ def test_calls_it_is_not_sure_of_take_the_general_path(rng, general_path_calls, 
     ],
 )
 def test_errors_after_a_registered_call(rng, change, error, match):
+    """Refused in place after an in-place call of the same kind: before anything is written."""
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._KNOWN_CALLS.clear()
-    nbgn.group_norm(x, GROUPS, weight, bias)
+    _register_in_place(x, weight, bias)
     arguments = {"num_groups": GROUPS, "weight": weight, "bias": bias, "eps": 1e-5, **change}
     before = x.copy()
     with pytest.raises(error, match=match):
@@ -182,10 +184,16 @@ def test_errors_after_a_registered_call(rng, change, error, match):
     np.testing.assert_array_equal(x, before)
 
 
+def _register_in_place(x, weight, bias):
+    """Normalize a copy of ``x`` in place: later in-place calls of its kind find a known call."""
+    copy = x.copy()
+    nbgn.group_norm(copy, GROUPS, weight, bias, out=copy)
+    assert api._call_key(x, GROUPS, "NCHW", weight is None, True) in api._KNOWN_CALLS
+
+
 def test_read_only_in_place_is_refused_after_a_registered_call(rng):
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._KNOWN_CALLS.clear()
-    nbgn.group_norm(x, GROUPS, weight, bias, out=x.copy())
+    _register_in_place(x, weight, bias)
     x.flags.writeable = False
     with pytest.raises(ValueError, match="out is read-only"):
         nbgn.group_norm(x, GROUPS, weight, bias, out=x)
@@ -197,7 +205,6 @@ def test_mutated_arrays_are_checked_again(rng):
     """The memo is of shapes and dtypes, not of arrays: an array reshaped or retyped in place
     after a fast call is checked again."""
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     nbgn.group_norm(x, GROUPS, weight, bias)
     weight.shape = (2, 4)
@@ -213,7 +220,6 @@ def test_a_lowered_serial_threshold_reaches_the_parallel_kernels(rng, monkeypatc
     """Tests force the parallel paths on small inputs by lowering SERIAL_ELEMENTS: a remembered
     small call must not keep them on the serial kernel."""
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     plans = []
     plan = _schedule.plan
@@ -225,7 +231,6 @@ def test_a_lowered_serial_threshold_reaches_the_parallel_kernels(rng, monkeypatc
 
 
 def test_the_memo_is_bounded(rng):
-    api._KNOWN_CALLS.clear()
     for spatial in range(1, 1100):
         nbgn.group_norm(np.ones((1, 4, spatial), np.float32), 2)
     assert 0 < len(api._KNOWN_CALLS) <= 1024
@@ -235,15 +240,14 @@ def test_layouts_that_are_not_str_take_the_general_path(rng):
     """A 0-d array equal to 'NCHW' was accepted before the fast path existed (the check compares);
     it must still be, not fail on hashing a key."""
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     np.testing.assert_allclose(nbgn.group_norm(x, GROUPS, weight, bias, layout=np.array("NCHW")),
                                reference_group_norm(x, GROUPS, weight, bias), atol=1e-5)  # fmt: skip
 
 
 def test_replaced_kernels_are_used_after_forget_kernels(rng, monkeypatch):
-    """A test that replaces a kernel calls api._forget_kernels(): the remembered small calls go
-    too, so the replacement runs; forgotten again, the original does."""
+    """A test that replaces a kernel calls api._forget_kernels(): the remembered calls go too, so
+    the replacement runs; forgotten again, the original does."""
     from nbgn.kernels import nchw
 
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
@@ -265,15 +269,16 @@ def test_replaced_kernels_are_used_after_forget_kernels(rng, monkeypatch):
     assert len(calls) == 2
 
 
-def test_a_lowered_pool_threshold_reaches_the_pool(rng, monkeypatch):
+def test_a_lowered_pool_threshold_reaches_the_pool(rng, monkeypatch, general_path_calls):
     """Allocating results of _output_pool.MIN_BYTES or more come from the pool on either path."""
     from nbgn import _output_pool
 
     x, weight, bias = _inputs(rng, "NCHW", np.float32, True)
-    api._KNOWN_CALLS.clear()
     nbgn.group_norm(x, GROUPS, weight, bias)
     monkeypatch.setattr(_output_pool, "MIN_BYTES", x.nbytes)
+    before = len(general_path_calls)
     result = nbgn.group_norm(x, GROUPS, weight, bias)
+    assert len(general_path_calls) == before  # the known call
     assert isinstance(result.base, _output_pool._Lease)
     np.testing.assert_allclose(result, reference_group_norm(x, GROUPS, weight, bias), atol=1e-5)
 
@@ -339,9 +344,55 @@ def test_the_thread_count_and_a_serial_child_decide_again(rng, general_path_call
             calls = len(general_path_calls)
             result = nbgn.group_norm(x, groups, weight, bias)
             np.testing.assert_allclose(result, expected, atol=tolerance(dtype))
-            key = (x.shape, x.dtype, groups, "NCHW", False, False, api._plan_threads())
+            key = api._call_key(x, groups, "NCHW", False, False)
             kinds.append((len(general_path_calls) - calls, api._KNOWN_CALLS[key].parallel))
     finally:
         numba.set_num_threads(before)
     # The serial child's key is one thread's: planned once, on one thread, and then replayed.
     assert kinds == [(1, True), (1, False), (0, False), (0, True)]
+
+
+@pytest.mark.skipif(numba.config.NUMBA_NUM_THREADS < 2, reason="needs 2 or more Numba threads")
+def test_in_place_and_allocating_are_different_calls(rng, general_path_calls):
+    """One float64 group of 2 MiB on two threads: split allocating, cooperative in place, each
+    planned once and replayed with its own callees (the split kernel's out-of-place callees,
+    replayed in place, would write through a missing output)."""
+    from nbgn.kernels import nchw
+
+    x, weight, bias = _inputs(rng, "NCHW", np.float64, True, (1, 16, 128, 128))
+    expected = reference_group_norm(x, 1, weight, bias)
+    before = numba.get_num_threads()
+    numba.set_num_threads(2)
+    try:
+        for _ in range(2):
+            for in_place in (False, True):
+                source = x.copy()
+                result = nbgn.group_norm(source, 1, weight, bias, out=source if in_place else None)
+                np.testing.assert_allclose(result, expected, atol=tolerance(np.float64))
+    finally:
+        numba.set_num_threads(before)
+    assert len(general_path_calls) == 2
+    kernels = {key[5]: call.kernel for key, call in api._KNOWN_CALLS.items()}
+    assert kernels == {False: nchw.group_norm_split, True: nchw.group_norm_cooperative}
+
+
+def test_a_refused_call_starts_no_threads():
+    """Building the key of a large call does not start Numba's threads (on GNU OpenMP, a child
+    forked after they start runs serially): a refused call leaves them as they were."""
+    code = textwrap.dedent(
+        """
+        import numpy as np
+        from numba.np.ufunc import parallel
+        import nbgn
+        for x in (np.zeros((1, 8, 64, 64), np.float32), np.zeros((1, 8, 64, 64), np.int64)):
+            try:
+                nbgn.group_norm(x, 3)
+            except (TypeError, ValueError):
+                pass
+        print(parallel._is_initialized)
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["False"]
