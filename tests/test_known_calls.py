@@ -70,6 +70,16 @@ def test_second_call_takes_the_fast_path_with_identical_results(
     rng, general_path_calls, shape, groups, layout, dtype, affine, in_place
 ):
     x, weight, bias = _inputs(rng, layout, dtype, affine, shape)
+    results = _normalize_copies(x, groups, weight, bias, layout, in_place)
+    assert len(general_path_calls) == 1  # the first call only
+    np.testing.assert_array_equal(results[1], results[0])
+    expected = reference_group_norm(x, groups, weight, bias, 1e-5, layout)
+    np.testing.assert_allclose(results[1], expected, atol=tolerance(dtype))
+
+
+def _normalize_copies(x, groups, weight, bias, layout, in_place):
+    """The results of two group norms of copies of ``x``, in place or allocating: the first one
+    takes the general path, the second may replay it."""
     results = []
     for _ in range(2):
         source = x.copy()
@@ -77,10 +87,7 @@ def test_second_call_takes_the_fast_path_with_identical_results(
                                  out=source if in_place else None)  # fmt: skip
         assert (result is source) == in_place
         results.append(result)
-    assert len(general_path_calls) == 1  # the first call only
-    np.testing.assert_array_equal(results[1], results[0])
-    expected = reference_group_norm(x, groups, weight, bias, 1e-5, layout)
-    np.testing.assert_allclose(results[1], expected, atol=tolerance(dtype))
+    return results
 
 
 @pytest.mark.parametrize(
@@ -307,12 +314,7 @@ def test_a_parallel_call_is_replayed_with_identical_results(
     numba.set_num_threads(2)
     try:
         x, weight, bias = _inputs(rng, layout, dtype, True, shape)
-        results = []
-        for _ in range(2):
-            source = x.copy()
-            result = nbgn.group_norm(source, groups, weight, bias, layout=layout,
-                                     out=source if in_place else None)  # fmt: skip
-            results.append(result)
+        results = _normalize_copies(x, groups, weight, bias, layout, in_place)
     finally:
         numba.set_num_threads(before)
     assert len(general_path_calls) == 1  # the first call only
