@@ -121,10 +121,14 @@ class _KnownCall(NamedTuple):
     head: tuple[int, ...]
     dims: tuple[int, ...]
     tail: tuple[Any, ...]
-    parallel: bool
     channels: tuple[int]
     weight: np.ndarray
     bias: np.ndarray
+
+    @property
+    def parallel(self) -> bool:
+        """A parallel kernel is given its callees' addresses (``head``); a serial one none."""
+        return bool(self.head)
 
 
 #: Calls the general path ran, by (shape, dtype, num_groups, layout, weight is None, in place,
@@ -150,7 +154,7 @@ def _known_call(x, num_groups, weight, bias, eps, layout, out):
     call = _KNOWN_CALLS.get(_call_key(x, num_groups, layout, weight is None, out is x))
     if call is None or not moments.NATIVE_MIN_EPS <= eps < math.inf or not x.flags.c_contiguous:
         return None
-    kernel, head, dims, tail, parallel, channels, default_weight, default_bias = call
+    kernel, head, dims, tail, channels, default_weight, default_bias = call
     if weight is None:
         if bias is not None:
             return None
@@ -174,7 +178,7 @@ def _known_call(x, num_groups, weight, bias, eps, layout, out):
         target = None
     else:
         return None
-    if parallel:
+    if head:  # a parallel kernel
         with _threading.kernel_guard():
             kernel(*head, x.ravel(), target, *dims, weight, bias, eps, *tail)
     else:
@@ -200,8 +204,7 @@ def _call_key(x, num_groups, layout, unweighted, in_place):
 
 def _remember_call(x, geometry, affine, in_place, call):
     """Remember how the general path just normalized ``x`` (valid, C-contiguous in its layout,
-    moments summed in its precision) for ``_known_call``: ``call`` is (kernel, head, dims, tail,
-    parallel)."""
+    moments summed in its precision) for ``_known_call``: ``call`` is (kernel, head, dims, tail)."""
     layout = "NHWC" if geometry.channels_last else "NCHW"
     key = _call_key(x, geometry.num_groups, layout, not affine, in_place)
     if key not in _KNOWN_CALLS:
@@ -409,9 +412,9 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
     # Moments summed in the input's precision, unless eps is too small for that (see moments).
     native = eps >= moments.NATIVE_MIN_EPS
     sum_type = _NATIVE_SUM_TYPES[source.dtype] if native else 0.0
-    kernel, head, dims, tail, parallel = call = _choose(kernels, geometry, channels_last, source,
-                                                        out is None, sum_type)  # fmt: skip
-    if parallel:
+    kernel, head, dims, tail = call = _choose(kernels, geometry, channels_last, source,
+                                              out is None, sum_type)  # fmt: skip
+    if head:  # a parallel kernel
         with _threading.kernel_guard():
             kernel(*head, source, target, *dims, weight, bias, eps, *tail)
     else:
@@ -423,7 +426,7 @@ def _run(x, out, geometry, channels_last, weight, bias, eps, affine):
 
 def _choose(kernels, geometry, channels_last, source, in_place, sum_type):
     """The call that normalizes ``source`` (flat, in the kernels' order): (kernel, head, dims,
-    tail, parallel), as ``_KnownCall`` has them.
+    tail), as ``_KnownCall`` has them (``head``: the callees' addresses, empty for a serial one).
 
     Serial below ``_schedule.SERIAL_ELEMENTS``, whatever the threads, without asking for a plan;
     else one unit per thread (fused), units split into parts when they are fewer, or large units
@@ -433,7 +436,7 @@ def _choose(kernels, geometry, channels_last, source, in_place, sum_type):
     plan = None if small else _plan(geometry, channels_last, source.itemsize if in_place else 0)
     if small or not plan.parallel:
         sums = (sum_type,) if kernels.serial_sums else ()
-        return kernels.serial, (), kernels.serial_dims, sums, False
+        return kernels.serial, (), kernels.serial_dims, sums
     if plan.cooperative:
         kind, kernel, count = "cooperative", kernels.cooperative, plan.parts
     elif plan.parts == 1:
@@ -441,4 +444,4 @@ def _choose(kernels, geometry, channels_last, source, in_place, sum_type):
     else:
         kind, kernel, count = "split", kernels.split, plan.parts
     addresses = _callee_addresses(kernels, source.dtype, in_place, sum_type, kind)
-    return kernel, addresses, kernels.dims, (sum_type, count), True
+    return kernel, addresses, kernels.dims, (sum_type, count)
