@@ -46,6 +46,8 @@ from numba.core import types
 from numba.extending import overload
 from numba.np.numpy_support import as_dtype
 
+from ._compile import cached_njit
+
 #: Values per block. A vectorized float32 reduction keeps 32 to 64 partial sums (SIMD lanes times
 #: unrolling), so each adds at most 64 terms before the flush to float64: a relative error of at
 #: most ~70 float32 ulps of a sum of terms of the order of the variance. Long enough that the flush
@@ -80,7 +82,7 @@ def _cast_like(value, like):
     return lambda value, like: target(value)
 
 
-@numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
+@cached_njit(fastmath=REDUCTION_FASTMATH)
 def shifted_sums(values, pivot):
     """``(sum(x - pivot), sum((x - pivot)**2))`` over ``values``, in the type of ``pivot``."""
     s1 = cast_like(0.0, pivot)
@@ -311,7 +313,7 @@ def chunk_bounds(num_items, num_chunks, chunk):
     return num_items * chunk // num_chunks, num_items * (chunk + 1) // num_chunks
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def finish_moments(partial, refs, num_parts):
     """Merge per-part moments and return float64 ``(mean, var)`` per group, shape ``(groups,)``.
 

@@ -28,7 +28,13 @@ import numpy as np
 from numba.extending import register_jitable
 
 from . import _compile
-from ._compile import PARTIAL, call_compiled, compiled_address, parallel_and_serial
+from ._compile import (
+    PARTIAL,
+    cached_njit,
+    call_compiled,
+    compiled_address,
+    parallel_and_serial,
+)
 from .atomics import atomic_add, claim, cooperative_counters, wait_for
 from .moments import (
     APPLY_CHUNK,
@@ -71,7 +77,7 @@ def uniform_affine(weight, bias, first_channel, num_channels):
     return True
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def normalize_rows(x, out, start, spatial, first_channel, num_channels, mean_hi, mean_lo, rstd,
                    weight, bias, coefficients):  # fmt: skip
     """Normalize a group's ``num_channels`` channels of ``spatial`` values (at most
@@ -119,7 +125,7 @@ def normalize_against(x, out, start, length, mean_hi, mean_lo, rstd, scales, shi
         target[i] = ((source[i] - center) * typed_rstd - offset) * scales[i] + shifts[i]
 
 
-@numba.njit(cache=True, fastmath={"contract"})
+@cached_njit(fastmath={"contract"})
 def normalize_pair_against(x, out, start, other_start, length, mean_hi, mean_lo, rstd, other_hi,
                            other_lo, other_rstd, scales, shifts):  # fmt: skip
     """``normalize_against`` for two runs of ``length`` values at once, each with its own moments,
@@ -211,7 +217,7 @@ SHORT_SLAB = 256
 SHORT_BATCH = 64
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def normalize_windows(x, out, start, num_channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
                       first_channel, table, lanes):  # fmt: skip
     """``simd.apply_channel_windows``, compiled on its own: inlined into
@@ -221,7 +227,7 @@ def normalize_windows(x, out, start, num_channels, spatial, mean_hi, mean_lo, rs
                           bias, first_channel, table, lanes)  # fmt: skip
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups, weight,
                           bias, eps):  # fmt: skip
     """``normalize_slabs`` for slabs of at most ``SHORT_SLAB`` values, ``SHORT_BATCH`` at a time.
@@ -295,7 +301,7 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
                                  center, scale, shift)  # fmt: skip
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups, weight, bias,
                     eps, sum_type):  # fmt: skip
     """Normalize slabs ``[first_slab, stop_slab)`` one after the other: each slab's moments, then
@@ -341,7 +347,7 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
                                center, scale, shift)  # fmt: skip
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channels, spatial,
                               num_groups, weight, bias, eps, sum_type):  # fmt: skip
     """``normalize_slabs`` for many short channels with their own weight and bias: items
@@ -417,7 +423,7 @@ def _group_norm_fused(normalize_slabs_at, x, out, num_samples, channels, spatial
                                            num_groups, weight, bias, eps, sum_type))  # fmt: skip
 
 
-group_norm_fused = numba.njit(cache=True, parallel=True)(_group_norm_fused)
+group_norm_fused = cached_njit(parallel=True)(_group_norm_fused)
 
 
 def _group_norm_patterned(normalize_at, x, out, num_samples, channels, spatial, num_groups,
@@ -433,10 +439,10 @@ def _group_norm_patterned(normalize_at, x, out, num_samples, channels, spatial, 
                                      num_groups, weight, bias, eps, sum_type))  # fmt: skip
 
 
-group_norm_patterned = numba.njit(cache=True, parallel=True)(_group_norm_patterned)
+group_norm_patterned = cached_njit(parallel=True)(_group_norm_patterned)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def part_moments(x, slab_length, num_parts, item, ref, partial, sum_type):
     """Write the moments of part ``item % num_parts`` of slab ``item // num_parts`` to
     ``partial[item]``."""
@@ -446,7 +452,7 @@ def part_moments(x, slab_length, num_parts, item, ref, partial, sum_type):
     contiguous_moments(x, slab_start + start, slab_start + stop, ref, partial, item, sum_type)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def split_scratch(x, num_slabs, slab_length, num_parts):
     """``partial`` (uninitialized) and ``refs`` (each slab's first element) for ``num_parts``
     pieces of each of ``num_slabs`` slabs; see ``_partial_moments``.
@@ -484,7 +490,7 @@ def _partial_moments(part_moments_at, x, num_samples, channels, spatial, num_gro
 partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, item, weight, bias,
                eps):  # fmt: skip
     """Normalize part ``item % num_parts`` of slab ``item // num_parts``, last channel first (see
@@ -525,10 +531,10 @@ def _group_norm_split(part_moments_at, apply_part_at, x, out, num_samples, chann
 
 # Not fused into one loop: each piece needs the moments of all its unit's pieces. Numba sees no
 # dependence between the loops, whose calls through addresses hide their array arguments.
-group_norm_split = numba.njit(cache=True, parallel={"fusion": False})(_group_norm_split)
+group_norm_split = cached_njit(parallel={"fusion": False})(_group_norm_split)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def cooperative_scratch(x, num_slabs, slab_length, num_threads):
     """``(progress, partial, refs, started)`` for ``_group_norm_cooperative``: the counters of
     ``atomics.cooperative_counters`` and the scratch of ``split_scratch``. Compiled on its own,
@@ -538,7 +544,7 @@ def cooperative_scratch(x, num_slabs, slab_length, num_threads):
     return progress, partial, refs, started
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def normalize_slabs_together(x, out, num_slabs, channels, spatial, num_groups, weight, bias, eps,
                              sum_type, thread, num_threads, progress, partial, refs,
                              started):  # fmt: skip
@@ -580,7 +586,7 @@ def _group_norm_cooperative(together_at, x, out, num_samples, channels, spatial,
                                     started))  # fmt: skip
 
 
-group_norm_cooperative = numba.njit(cache=True, parallel=True)(_group_norm_cooperative)
+group_norm_cooperative = cached_njit(parallel=True)(_group_norm_cooperative)
 
 
 # The addresses of what the split and cooperative kernels call (see ``_compile.PARTIAL``).

@@ -33,7 +33,13 @@ import numba
 import numpy as np
 
 from . import _compile
-from ._compile import PARTIAL, call_compiled, compiled_address, parallel_and_serial
+from ._compile import (
+    PARTIAL,
+    cached_njit,
+    call_compiled,
+    compiled_address,
+    parallel_and_serial,
+)
 from .atomics import atomic_add, claim, cooperative_counters, wait_for
 from .moments import (
     APPLY_CHUNK,
@@ -119,7 +125,7 @@ def lane_scratch(positions, channels, num_groups, sum_type):
     return lane_space, wide
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def register_lane_sums(x, start, rows, row_vectors, lanes):
     """``simd.lane_sums_in_registers``, compiled on its own, without ``lane_sums``' fastmath (which
     Numba applies to every instruction of a function): reassociation would allow the sums of
@@ -128,7 +134,7 @@ def register_lane_sums(x, start, rows, row_vectors, lanes):
     lane_sums_in_registers(x, start, rows, row_vectors, lanes)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def register_folded_sums(x, start, stream_stride, rows, width, fold, lanes):
     """``simd.folded_lane_sums``, compiled on its own without fastmath, as ``register_lane_sums``."""
     folded_lane_sums(x, start, stream_stride, rows, width, fold, lanes)
@@ -141,7 +147,7 @@ def lane_count(width, fold):
     return width // fold if fold > 0 else width
 
 
-@numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
+@cached_njit(fastmath=REDUCTION_FASTMATH)
 def lane_sums(x, start, width, stream_stride, rows, lanes, fold):
     """Add ``x - pivot`` and its square per lane to ``lanes[1]`` and ``lanes[2]``, in their type,
     about ``lanes[0]``, over ``rows`` rows of ``width`` values from ``x[start]``; with a positive
@@ -185,7 +191,7 @@ def lane_sums(x, start, width, stream_stride, rows, lanes, fold):
                 s2[j] += d * d
 
 
-@numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
+@cached_njit(fastmath=REDUCTION_FASTMATH)
 def float64_sum(values):
     """The sum of ``values`` in float64, in any order: vectorized, where a sum in order is a chain
     of dependent additions (at C = 2048, a sample's 64 of them per group and sum took 3 us)."""
@@ -249,7 +255,7 @@ def repivot(group_pivot, sums, count):
     return moved
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count, lanes,
                      channel_sums, group_pivot, sums, fold):  # fmt: skip
     """Group sums ``sums[:, 0:2]`` of one block (and its ``tail_rows`` positions from
@@ -276,7 +282,7 @@ def block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows
         expand_pivots(group_pivot, lane_channels, lanes)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def float64_block_group_sums(x, start, width, stream_stride, rows, tail_start, tail_rows, count,
                              group_pivot, channel_sums, sums):  # fmt: skip
     """``block_group_sums`` in float64, value by value, for the rare block whose float32 sums are
@@ -309,7 +315,7 @@ def float64_block_group_sums(x, start, width, stream_stride, rows, tail_start, t
             break
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def block_group_moments(x, start, width, stream_stride, rows, tail_start, tail_rows, count, refs,
                         stats, lanes, channel_sums, group_pivot, sums, fold):  # fmt: skip
     """Merge the moments of one block of rows into ``stats[g]`` for every group ``g``.
@@ -341,7 +347,7 @@ def block_group_moments(x, start, width, stream_stride, rows, tail_start, tail_r
     expand_pivots(group_pivot, lane_count(channel_sums.shape[1], fold), lanes)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def sample_moments(x, sample_start, first_position, stop_position, channels, num_groups, stats,
                    lane_space, wide):  # fmt: skip
     """Merge the moments of positions ``[first_position, stop_position)`` of one sample.
@@ -481,7 +487,7 @@ def spread_lanes(coefficients, first_channel, width, lane_space):
         channel = channel + 1 if channel + 1 < channels else 0
 
 
-@numba.njit(cache=True, fastmath={"contract"})  # (x - c) * a + b as one rounding: fma
+@cached_njit(fastmath={"contract"})  # (x - c) * a + b as one rounding: fma
 def apply_positions(x, out, sample_start, first_position, stop_position, channels, num_groups,
                     coefficients, lane_space):  # fmt: skip
     """Normalize positions ``[first_position, stop_position)`` of one sample, last chunks first.
@@ -610,7 +616,7 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
               shift[width - skew :])  # fmt: skip
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups,
                             weight, bias, eps):  # fmt: skip
     """``normalize_samples`` for samples of at most ``SMALL_SAMPLE`` values, with short lanes: rows
@@ -727,7 +733,7 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
                 target[j] = (source[j] - center[j]) * scale[j] + shift[j]
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_groups, weight,
                       bias, eps, sum_type):  # fmt: skip
     """Normalize samples ``[first_sample, stop_sample)`` one after the other: each sample's moments,
@@ -780,7 +786,7 @@ def _group_norm_fused(normalize_samples_at, x, out, num_samples, spatial, channe
                                              num_groups, weight, bias, eps, sum_type))  # fmt: skip
 
 
-group_norm_fused = numba.njit(cache=True, parallel=True)(_group_norm_fused)
+group_norm_fused = cached_njit(parallel=True)(_group_norm_fused)
 
 
 def _group_norm_small(normalize_at, x, out, num_samples, spatial, channels, num_groups, weight,
@@ -794,7 +800,7 @@ def _group_norm_small(normalize_at, x, out, num_samples, spatial, channels, num_
                                      num_groups, weight, bias, eps))  # fmt: skip
 
 
-group_norm_small = numba.njit(cache=True, parallel=True)(_group_norm_small)
+group_norm_small = cached_njit(parallel=True)(_group_norm_small)
 
 
 @numba.njit(inline="always")
@@ -813,7 +819,7 @@ def store_part_moments(x, spatial, channels, num_groups, num_parts, item, partia
             partial[(n * num_groups + g) * num_parts + part, k] = stats[g, k]
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum_type):
     """Moments of position range ``item % num_parts`` of sample ``item // num_parts``, group by
     group, into rows ``(n * num_groups + g) * num_parts + item % num_parts`` of ``partial``."""
@@ -823,7 +829,7 @@ def part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum
                        np.empty((num_groups, 3)), lane_space, wide)  # fmt: skip
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def split_scratch(x, num_samples, spatial, channels, num_groups, num_parts):
     """``partial`` (filled by ``part_moments``) and ``refs`` (each group's first value in its
     sample); see ``_partial_moments``. Compiled on its own: in a parallel function ``np.zeros``
@@ -875,7 +881,7 @@ def apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_pa
                     coefficients, lane_space)  # fmt: skip
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight, bias,
                eps):  # fmt: skip
     """Normalize position range ``item % num_parts`` of sample ``item // num_parts``, with the
@@ -905,10 +911,10 @@ def _group_norm_split(part_moments_at, apply_part_at, x, out, num_samples, spati
 
 # Not fused into one loop: each piece needs the moments of all its unit's pieces. Numba sees no
 # dependence between the loops, whose calls through addresses hide their array arguments.
-group_norm_split = numba.njit(cache=True, parallel={"fusion": False})(_group_norm_split)
+group_norm_split = cached_njit(parallel={"fusion": False})(_group_norm_split)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def cooperative_scratch(x, num_samples, spatial, channels, num_groups, num_threads):
     """``(progress, partial, refs, started)`` for ``_group_norm_cooperative``: per sample a count
     of finished moment parts and a claim per moment and per normalization part; the parts'
@@ -919,7 +925,7 @@ def cooperative_scratch(x, num_samples, spatial, channels, num_groups, num_threa
     return progress, partial, refs, started
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def normalize_samples_together(x, out, num_samples, spatial, channels, num_groups, weight, bias,
                                eps, sum_type, thread, num_threads, progress, partial, refs,
                                started):  # fmt: skip
@@ -970,7 +976,7 @@ def _group_norm_cooperative(together_at, x, out, num_samples, spatial, channels,
                                     refs, started))  # fmt: skip
 
 
-group_norm_cooperative = numba.njit(cache=True, parallel=True)(_group_norm_cooperative)
+group_norm_cooperative = cached_njit(parallel=True)(_group_norm_cooperative)
 
 
 # The addresses of what the split and cooperative kernels call (see ``_compile.PARTIAL``).

@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange
 
 from .. import _schedule, _threading
-from ._compile import parallel_and_serial
+from ._compile import cached_njit, parallel_and_serial
 from .atomics import atomic_add, claim, cooperative_counters, wait_for
 from .moments import APPLY_CHUNK, REDUCTION_FASTMATH, cast_like, chunk_bounds, part_bounds
 
@@ -45,7 +45,7 @@ def scale_inplace(x: np.ndarray, factor: float = 1.0) -> None:
     scale(x.reshape(-1), x.dtype.type(factor))
 
 
-@numba.njit(cache=True, fastmath=REDUCTION_FASTMATH)
+@cached_njit(fastmath=REDUCTION_FASTMATH)
 def _run_sum(values):
     """The sum of ``values`` in their own type (vectorized: reassociated), as float64."""
     total = cast_like(0.0, values)
@@ -54,7 +54,7 @@ def _run_sum(values):
     return np.float64(total)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def _scale_reversed(values, factor):
     """``values *= factor`` a chunk at a time from the end, each chunk forwards, as nbgn's
     normalization goes (``moments.apply_reversed``)."""
@@ -99,10 +99,10 @@ def _floor_split(flat, num_units, num_parts, factor, sums):
         _scale_reversed(_part(flat, num_units, num_parts, item), factor)
 
 
-floor_split = numba.njit(cache=True, parallel=True)(_floor_split)
+floor_split = cached_njit(parallel=True)(_floor_split)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def _units_together(flat, num_units, factor, sums, thread, num_threads, progress, started):
     """``thread``'s share of ``_floor_together``: per unit, the sum of its part, a wait for the
     other parts' sums, then the scaling of its part (``nchw.normalize_slabs_together``'s order)."""
@@ -123,7 +123,7 @@ def _units_together(flat, num_units, factor, sums, thread, num_threads, progress
                 _scale_reversed(_part(flat, num_units, num_threads, item), factor)
 
 
-@numba.njit(cache=True)
+@cached_njit()
 def _counters(num_units, num_threads):
     return cooperative_counters(num_units, num_threads)
 
@@ -136,7 +136,7 @@ def _floor_together(flat, num_units, num_threads, factor, sums):
         _units_together(flat, num_units, factor, sums, thread, num_threads, progress, started)
 
 
-floor_together = numba.njit(cache=True, parallel=True)(_floor_together)
+floor_together = cached_njit(parallel=True)(_floor_together)
 
 
 def two_pass_floor(x: np.ndarray, num_units: int, factor: float = 1.0) -> float:
