@@ -18,12 +18,14 @@ Every cached kernel is made by ``cached_njit``, whose loads from a warm cache sk
 Numba's compiler context: see ``WarmLoadCache``.
 """
 
+import re
 import types
 
 import numba
 import numpy as np
 from numba import types as numba_types
 from numba.core import caching, cgutils
+from numba.core.dispatcher import Dispatcher
 from numba.core.runtime import nrt
 from numba.extending import intrinsic
 
@@ -46,22 +48,30 @@ class WarmLoadCache(caching.FunctionCache):
             return self._load_overload(sig, target_context)
 
 
-#: Whether this Numba's cache has what ``WarmLoadCache`` overrides and calls; if not, kernels keep
-#: Numba's own cache.
-WARM_LOADS = all(
-    hasattr(caching.Cache, name)
-    for name in ("load_overload", "_load_overload", "_guard_against_spurious_io_errors")
-) and hasattr(nrt.rtsys, "initialize")
+#: The Numba versions whose caching ``WarmLoadCache`` was checked against (0.59.1 and 0.68.1: the
+#: code it overrides and calls is the same in both, and the only symbols a loaded kernel needs that
+#: the refresh registers are NRT's). Other versions keep Numba's own cache: a symbol that only the
+#: refresh registered would abort the process when the code is linked, not fall back.
+WARM_LOAD_VERSIONS = ((0, 59), (0, 68))
+
+#: Whether kernels load through ``WarmLoadCache`` in this process.
+_VERSION = re.match(r"(\d+)\.(\d+)", numba.__version__)
+WARM_LOADS = _VERSION is not None and (
+    WARM_LOAD_VERSIONS[0] <= tuple(map(int, _VERSION.groups())) <= WARM_LOAD_VERSIONS[1]
+)
 
 
 def cached_njit(**options):
-    """``numba.njit(cache=True, **options)``, with a ``WarmLoadCache`` where this Numba allows."""
+    """``numba.njit(cache=True, **options)``, with a ``WarmLoadCache`` where ``WARM_LOADS``."""
 
     def compile_lazily(function):
         if not WARM_LOADS:
             return numba.njit(cache=True, **options)(function)
         dispatcher = numba.njit(**options)(function)
-        dispatcher._cache = WarmLoadCache(dispatcher.py_func)  # what cache=True would set
+        if isinstance(dispatcher, Dispatcher):  # not a plain function (NUMBA_DISABLE_JIT)
+            # What cache=True (enable_caching) sets, with this class: letting Numba make its
+            # own first would cost ~55 us a function, 4 ms an import.
+            dispatcher._cache = WarmLoadCache(dispatcher.py_func)
         return dispatcher
 
     return compile_lazily
