@@ -58,3 +58,23 @@ class ThreadScaling:
         return _bench.paired_ratio(self.samples, 1, self.all_threads)
 
     track_speedup_of_all_threads.unit = "x (one thread's time / all threads' time)"
+
+
+class WarmStart:
+    """A fresh process with a warm Numba cache: ``import nbgn`` and a first float32 and float64
+    call against ``import numpy, numba`` alone, in alternating pairs of fresh processes
+    (``_bench.time_startup``; its first, untimed, run fills a cold cache). ``in_process``: what
+    those statements take, timed inside each process; ``whole_process``: the processes' wall
+    times, interpreter start and exit included."""
+
+    params = [["in_process", "whole_process"]]
+    param_names = ["timed"]
+    timeout = 600
+
+    def setup(self, timed):
+        self.startup = _bench.time_startup(repeat=5)["startup"]
+
+    def track_warm_start_ratio(self, timed):
+        return self.startup[timed]["ratio"]
+
+    track_warm_start_ratio.unit = "x (nbgn's import and first calls / import numpy, numba)"
