@@ -49,9 +49,10 @@ class WarmLoadCache(caching.FunctionCache):
 
 
 #: The Numba versions whose caching ``WarmLoadCache`` was checked against (0.59.1 and 0.68.1: the
-#: code it overrides and calls is the same in both, and the only symbols a loaded kernel needs that
-#: the refresh registers are NRT's). Other versions keep Numba's own cache: a symbol that only the
-#: refresh registered would abort the process when the code is linked, not fall back.
+#: code it overrides and calls is the same in both, and of the symbols that only the refresh
+#: registers, a loaded kernel needs NRT's; the other ones, the string hash's secret, nbgn's kernels
+#: do not use). Other versions keep Numba's own cache: a symbol that only the refresh registered
+#: would abort the process when the code is linked, not fall back.
 WARM_LOAD_VERSIONS = ((0, 59), (0, 68))
 
 #: Whether kernels load through ``WarmLoadCache`` in this process.
