@@ -503,12 +503,14 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     sweeps: one row from each quarter of the range, sharing the loads of the lane coefficients, in
     four long streams the hardware prefetchers can follow; or, out of place, one at a time where
     a sweep overflows the L1 and one row of x and of out fits it with the coefficients
-    (``simd.l1_data_bytes``). In place, rows of one position whose groups are whole vectors (C =
-    2048 with 32 groups) go one at a time through ``simd.apply_group_rows``, a broadcast center a
-    group: without the per-lane centers the coefficients of C = 2048 float32 are 16 KiB, which
-    stay in a 32 KiB L1 beside the row (Zen 4, 16 samples in place, two threads: 0.88 of the
-    sweeps' time in float32, 0.70 in float64). Out of place the sweeps' shared loads still win
-    (0.92 against group rows).
+    (``simd.l1_data_bytes``). Rows of one position whose groups are whole vectors (C = 2048 with
+    32 groups) go one at a time through ``simd.apply_group_rows``, a broadcast center a group:
+    without the per-lane centers the coefficients of C = 2048 float32 are 16 KiB, which stay in a
+    32 KiB L1 beside the row (Zen 4, 16 samples in place, two threads: 0.88 of the sweeps' time in
+    float32, 0.70 in float64). Out of place only where a row of x, one of out and the coefficients
+    fit the L1: (16, 7, 7, 2048)/32 float32 into a warm ``out``, 0.80-0.84 of the sweeps' time
+    (one and two threads, three runs), allocating 0.92-0.98; float64 (32 KiB of coefficients) and
+    rows of 1024 values were no faster.
     """
     lane_width = lane_positions(channels, stop_position - first_position) * channels
     total = (stop_position - first_position) * channels
@@ -522,8 +524,10 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     width = vector_row if in_registers else lane_width
     channels_per_group = channels // num_groups
     group_vectors = channels_per_group // vector
+    # Out of place, a row of x and one of out beside the coefficients must fit the L1 (C = 2048
+    # float32, 32 KiB L1); else the sweeps' shared loads win.
     group_rows = (
-        out is None
+        (out is None or (2 * x.itemsize + 2 * lane_space.itemsize) * width <= l1_data_bytes())
         and not in_registers
         and width == channels
         and channels_per_group % vector == 0
