@@ -69,6 +69,53 @@ def test_other_vector_widths_match_reference(tmp_path, limits):
     assert float(done.stdout) <= 1.0
 
 
+GROUP_ROWS = """
+import numpy as np
+import nbgn.kernels.simd as simd
+simd._host_row_limits = lambda: LIMITS
+from nbgn.kernels import nhwc
+from nbgn.kernels.moments import aligned_full
+worst = 0.0
+for dtype, channels, groups in ((np.float32, 2048, 32), (np.float32, 512, 8), (np.float64, 1024, 64)):
+    itemsize, positions = np.dtype(dtype).itemsize, 3
+    rng = np.random.default_rng(channels)
+    coefficients = rng.standard_normal((3, channels)).astype(dtype)
+    coefficients[0] = np.repeat(rng.uniform(-50, 50, groups), channels // groups)  # a group's
+    for skip in range(64 // itemsize):
+        for in_place in (False, True):
+            buffer = rng.standard_normal((positions + 1) * channels).astype(dtype)
+            start = (-buffer.ctypes.data % 64) // itemsize + skip
+            x = buffer[start : start + positions * channels]
+            rows = x.reshape(positions, channels).astype(np.float64)
+            expected = ((rows - coefficients[0]) * coefficients[1] + coefficients[2]).ravel()
+            out = None if in_place else np.full_like(x, np.nan)
+            space = aligned_full(3 * channels + groups, dtype(0))
+            nhwc.apply_positions(x, out, 0, 0, positions, channels, groups, coefficients, space)
+            error = np.abs((x if in_place else out) - expected).max() / np.abs(expected).max()
+            worst = max(worst, float(error))
+print(worst)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("limits", [(64, 512), (32, 128), (16, 128)])
+def test_channels_last_group_rows_at_every_vector_width(tmp_path, limits):
+    """NHWC rows of one position whose groups are whole 64-byte lines (C = 512, 1024, 2048), at
+    every start within a line, in place and not: with 64-byte vectors they take
+    ``apply_group_rows``, whose offset into a group is counted in lines; narrower vectors must not
+    (they raised, or wrote wrong values, before ``nhwc.apply_positions`` checked the width)."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+    done = subprocess.run(
+        [sys.executable, "-c", GROUP_ROWS.replace("LIMITS", repr(limits))],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout) < 1e-6  # relative to the largest value; float32 rounds at 6e-8
+
+
 def _describe_caches(root, *caches):
     """Write sysfs-like cache folders ``index0, ...`` of ``(level, type, size)`` under ``root``."""
     for i, (level, kind, size) in enumerate(caches):

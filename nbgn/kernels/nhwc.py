@@ -509,8 +509,9 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     32 KiB L1 beside the row (Zen 4, 16 samples in place, two threads: 0.88 of the sweeps' time in
     float32, 0.70 in float64). Out of place only where a row of x, one of out and the coefficients
     fit the L1: (16, 7, 7, 2048)/32 float32 into a warm ``out``, 0.80-0.84 of the sweeps' time
-    (one and two threads, three runs), allocating 0.92-0.98; float64 (32 KiB of coefficients) and
-    rows of 1024 values were no faster.
+    (one and two threads, three runs), allocating 0.92-0.98; rows of 1024 values, which take
+    them too, 0.96-1.01; float64 rows of 2048 (32 KiB of coefficients) keep the sweeps. Group
+    rows need the host's vectors to be 64 bytes (AVX-512), the unit of ``skew``.
     """
     lane_width = lane_positions(channels, stop_position - first_position) * channels
     total = (stop_position - first_position) * channels
@@ -525,9 +526,12 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     channels_per_group = channels // num_groups
     group_vectors = channels_per_group // vector
     # Out of place, a row of x and one of out beside the coefficients must fit the L1 (C = 2048
-    # float32, 32 KiB L1); else the sweeps' shared loads win.
+    # float32, 32 KiB L1); else the sweeps' shared loads win. Only with 64-byte vectors: the group
+    # rows' vectors are the host's, and their offset into a group (vector - skew) is counted in
+    # 64-byte lines, which narrower vectors would misread.
     group_rows = (
-        (out is None or (2 * x.itemsize + 2 * lane_space.itemsize) * width <= l1_data_bytes())
+        vector_bytes == 64
+        and (out is None or (2 * x.itemsize + 2 * lane_space.itemsize) * width <= l1_data_bytes())
         and not in_registers
         and width == channels
         and channels_per_group % vector == 0

@@ -7,8 +7,9 @@ arrays alias ``x``. Four rows a loop share those loads and still ran at half the
 scalar coefficients (512 KiB in L2: 5.3 against 2.3 us). ``apply_rows`` loads a row's coefficients
 into registers once, then streams through the rows like a contiguous loop (2.9 us): one code path
 per row length, chosen by a switch. Rows too long for registers whose groups are whole vectors
-(C = 2048, 32 groups) take ``apply_group_rows`` in place: a broadcast center per group instead of
-a row of them, so that a row's coefficients fit the L1 beside it.
+(C = 2048, 32 groups) take ``apply_group_rows`` (in place, and out of place where a row of the
+output fits too; with 64-byte vectors): a broadcast center per group instead of a row of them, so
+that a row's coefficients fit the L1 beside it.
 
 The channels-first normalization applies one ``(center, scale, shift)`` per channel, a run of
 ``spatial`` values. Numba's loop over a run of a few dozen values spends as much on its setup (alias
