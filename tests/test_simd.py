@@ -51,22 +51,28 @@ print(worst)
 @pytest.mark.slow
 @pytest.mark.parametrize("limits", [(32, 128)])  # AVX2: compiling takes minutes
 def test_other_vector_widths_match_reference(tmp_path, limits):
+    assert _printed_at(CHECK, limits, tmp_path) <= 1.0
+
+
+def _printed_at(code, limits, cache_dir):
+    """What ``code`` prints, run in a child process whose ``simd._host_row_limits()`` are
+    ``limits`` (``LIMITS`` in the code), with a fresh Numba cache in ``cache_dir``."""
     env = {
         **os.environ,
-        "NUMBA_CACHE_DIR": str(tmp_path),
+        "NUMBA_CACHE_DIR": str(cache_dir),
         "PYTHONPATH": os.pathsep.join(
             [os.path.dirname(__file__), os.environ.get("PYTHONPATH", "")]
         ),
     }
     done = subprocess.run(
-        [sys.executable, "-c", CHECK.replace("LIMITS", repr(limits))],
+        [sys.executable, "-c", code.replace("LIMITS", repr(limits))],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr
-    assert float(done.stdout) <= 1.0
+    return float(done.stdout)
 
 
 GROUP_ROWS = """
@@ -104,16 +110,8 @@ def test_channels_last_group_rows_at_every_vector_width(tmp_path, limits):
     every start within a line, in place and not: with 64-byte vectors they take
     ``apply_group_rows``, whose offset into a group is counted in lines; narrower vectors must not
     (they raised, or wrote wrong values, before ``nhwc.apply_positions`` checked the width)."""
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
-    done = subprocess.run(
-        [sys.executable, "-c", GROUP_ROWS.replace("LIMITS", repr(limits))],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr
-    assert float(done.stdout) < 1e-6  # relative to the largest value; float32 rounds at 6e-8
+    # Relative to the largest value; float32 rounds at 6e-8.
+    assert _printed_at(GROUP_ROWS, limits, tmp_path) < 1e-6
 
 
 def _describe_caches(root, *caches):
