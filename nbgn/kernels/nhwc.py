@@ -487,13 +487,23 @@ def spread_lanes(coefficients, first_channel, width, lane_space):
         channel = channel + 1 if channel + 1 < channels else 0
 
 
+@numba.njit(inline="always")
+def apply_scratch(x, positions, channels, num_groups):
+    """``lane_space`` for ``apply_positions`` on ranges of up to ``positions``, of x's dtype: the
+    lane coefficients (three rows' worth) and the groups' centers, without which it would not
+    take group rows (``simd.apply_group_rows``)."""
+    width = lane_positions(channels, positions) * channels
+    return aligned_full(3 * width + num_groups, cast_like(0.0, x))
+
+
 @cached_njit(fastmath={"contract"})  # (x - c) * a + b as one rounding: fma
 def apply_positions(x, out, sample_start, first_position, stop_position, channels, num_groups,
                     coefficients, lane_space):  # fmt: skip
     """Normalize positions ``[first_position, stop_position)`` of one sample, last chunks first.
 
     ``coefficients`` holds the sample's centers, scales and shifts per channel, shape ``(3, C)``;
-    they are spread over the lanes in ``lane_space`` (from ``lane_scratch``, 64-byte aligned).
+    they are spread over the lanes in ``lane_space`` (from ``lane_scratch`` or
+    ``apply_scratch``, 64-byte aligned).
     The rows start ``skew`` values in, where ``x`` is 64-byte aligned, and the lanes are rotated
     to match: a 512-bit load that straddles two cache lines costs two.
 
@@ -895,8 +905,7 @@ def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, 
     """Normalize position range ``item % num_parts`` of sample ``item // num_parts``, with the
     sample's moments merged from ``partial``."""
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
-    lane_space = aligned_full(3 * lane_positions(channels, stop - start) * channels + num_groups,
-                              cast_like(0.0, x))  # fmt: skip
+    lane_space = apply_scratch(x, stop - start, channels, num_groups)
     apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
                     bias, eps, np.empty((3, channels), x.dtype), np.empty((1, 3)),
                     lane_space)  # fmt: skip
@@ -943,8 +952,7 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
     scratch of both is allocated once."""
     positions = spatial // num_threads + 16  # part_bounds' parts, rounded down to 16 positions
     lane_space, wide = lane_scratch(positions, channels, num_groups, sum_type)
-    apply_space = aligned_full(3 * lane_positions(channels, positions) * channels,
-                               cast_like(0.0, x))  # fmt: skip
+    apply_space = apply_scratch(x, positions, channels, num_groups)
     stats = np.empty((num_groups, 3))
     merge_space = np.empty((1, 3))
     coefficients = np.empty((3, channels), x.dtype)
