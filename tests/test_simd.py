@@ -311,13 +311,14 @@ _apply_group_rows = numba.njit(
 @pytest.mark.parametrize("in_place", [False, True])
 def test_apply_group_rows_match_numpy(dtype, in_place):
     """Each run of a row takes its own center, but the last ``lanes - own_lanes`` lanes of its
-    last vector the next run's (the first run's after the last); scale and shift per lane. Every
-    vector count, several runs and rows, a start past zero; nothing outside the rows is written."""
+    last vector (none to all of them) the next run's (the first run's after the last); scale and
+    shift per lane. Every vector count, several runs and rows, a start past zero; nothing outside
+    the rows is written."""
     lanes = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
     run = _apply_group_rows
     rng = np.random.default_rng(7)
     for vectors in range(1, simd.MAX_GROUP_VECTORS + 1):
-        for groups, own in ((1, lanes), (3, lanes), (3, 1), (5, lanes - 3)):
+        for groups, own in ((1, lanes), (3, lanes), (3, 1), (3, 0), (5, lanes - 3)):
             rows, start = 3, 2 * lanes
             row_length = groups * vectors * lanes
             x = rng.standard_normal(start + rows * row_length + lanes).astype(dtype)
@@ -361,7 +362,7 @@ def test_apply_group_rows_refuse_bad_layouts_before_writing():
         (1, 2, 2, 2, vector, lane_table, out),  # one value past the end
         (-1, 1, 2, 2, vector, lane_table, out),
         (0, 1, simd.MAX_GROUP_VECTORS + 1, 1, vector, lane_table, out),
-        (0, 1, 2, 2, 0, lane_table, out),  # no lane of its own
+        (0, 1, 2, 2, -1, lane_table, out),
         (0, 1, 2, 2, vector + 1, lane_table, out),
         (0, 1, 2, 3, vector, lane_table, out),  # more groups than centers
         (0, 1, 4, 2, vector, lane_table, out),  # rows longer than the lane tables

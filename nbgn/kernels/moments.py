@@ -270,6 +270,18 @@ def _destination(source, out, start, stop):
     return lambda source, out, start, stop: out[start:stop]
 
 
+def written(x, out):
+    """The array a normalization writes: ``x`` if ``out`` is None, else ``out`` (chosen when Numba
+    compiles, as ``destination``)."""
+
+
+@overload(written, inline="always")
+def _written(x, out):
+    if isinstance(out, types.NoneType):
+        return lambda x, out: x
+    return lambda x, out: out
+
+
 @numba.njit(inline="always")
 def apply_contiguous(x, out, start, stop, center, scale, shift):
     """``out[i] = (x[i] - center) * scale + shift`` for i in ``[start, stop)``, in the input dtype.

@@ -56,6 +56,7 @@ from .moments import (
     merged_group_coefficients,
     part_bounds,
     pivot_stands,
+    written,
 )
 from .simd import (
     MAX_GROUP_VECTORS,
@@ -114,15 +115,43 @@ def lane_positions(channels, positions):
 @numba.njit(inline="always")
 def lane_scratch(positions, channels, num_groups, sum_type):
     """Scratch for ``sample_moments`` and ``apply_positions`` on ranges of up to ``positions``:
-    ``(lane_space, wide)``, in the type of ``sum_type`` and float64 (see ``sample_moments``).
+    ``(lane_space, wide)``, in the type of ``sum_type`` and float64 (see ``sample_moments``);
+    ``lane_space`` with ``STAGGER_ROOM`` to spare, for ``staggered`` views.
 
     Separate arrays, carved into views where they are used: a named tuple of such arrays read freed
     memory under Numba 0.68.
     """
     width = lane_positions(channels, positions) * channels
-    lane_space = aligned_full(3 * width + num_groups, sum_type)
+    lane_space = aligned_full(3 * width + num_groups + STAGGER_ROOM, sum_type)
     wide = np.empty(2 * channels + 4 * num_groups)
     return lane_space, wide
+
+
+#: Values a lane scratch has to spare for ``staggered``: a page (4 KiB) of float32, two of float64.
+STAGGER_ROOM = 1024
+
+#: How far past the values stored ``staggered`` puts the scratch, modulo a page (see there).
+STAGGER_BYTES = 512
+
+
+@numba.njit(inline="always")
+def staggered(space, target, start):
+    """The view of ``space`` (64-byte aligned, ``STAGGER_ROOM`` values to spare) whose first value
+    lies ``STAGGER_BYTES`` past ``target[start]``, modulo a page (4 KiB), on a 64-byte boundary.
+
+    A load whose address matches an earlier store's in its low 12 bits waits as if it depended on
+    it (4K aliasing). The kernels store to ``target`` from ``start`` on while they load lane sums
+    or coefficients from ``space``: with the scratch 64-128 bytes below the rows modulo 4 KiB, the
+    group rows of C = 2048 float32 took 1.2-1.5 times as long (in L2, one thread), and (16, 7, 7,
+    2048)/32 in place 1.3 times, at 2 of 32 placements of x in a page. Rows of lanes that do not
+    stay in registers are whole KiB long (at least 512 float32 values), so rows of x and of the
+    scratch lie whole KiB apart from their first ones: 512 bytes on keeps each clear of the others.
+    At 2 KiB on, rows of 2 KiB met at the same offset, and C = 512's moments took 5% longer.
+    """
+    page = 4096
+    wanted = (target.ctypes.data + start * target.itemsize + STAGGER_BYTES) % page
+    skip = (wanted - space.ctypes.data % page) % page // 64 * 64 // space.itemsize
+    return space[skip : skip + space.size - STAGGER_ROOM]
 
 
 @cached_njit()
@@ -491,9 +520,9 @@ def spread_lanes(coefficients, first_channel, width, lane_space):
 def apply_scratch(x, positions, channels, num_groups):
     """``lane_space`` for ``apply_positions`` on ranges of up to ``positions``, of x's dtype: the
     lane coefficients (three rows' worth) and the groups' centers, without which it would not
-    take group rows (``simd.apply_group_rows``)."""
+    take group rows (``simd.apply_group_rows``); with ``STAGGER_ROOM`` to spare (``staggered``)."""
     width = lane_positions(channels, positions) * channels
-    return aligned_full(3 * width + num_groups, cast_like(0.0, x))
+    return aligned_full(3 * width + num_groups + STAGGER_ROOM, cast_like(0.0, x))
 
 
 @cached_njit(fastmath={"contract"})  # (x - c) * a + b as one rounding: fma
@@ -504,8 +533,9 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     ``coefficients`` holds the sample's centers, scales and shifts per channel, shape ``(3, C)``;
     they are spread over the lanes in ``lane_space`` (from ``lane_scratch`` or
     ``apply_scratch``, 64-byte aligned).
-    The rows start ``skew`` values in, where ``x`` is 64-byte aligned, and the lanes are rotated
-    to match: a 512-bit load that straddles two cache lines costs two.
+    The rows start ``skew`` values in, where ``x`` is 64-byte aligned (group rows: never at a
+    sample's first value), and the lanes are rotated to match: a 512-bit load that straddles two
+    cache lines costs two.
 
     Rows of whole 64-byte lines of at most ``simd.row_limits()[1]`` bytes (with AVX-512, 512: C
     dividing 128 for float32, 64 for float64, and multiples of their divisors such as 48) go
@@ -549,6 +579,11 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
         and 3 * width + num_groups <= lane_space.size
     )
     skew = min(total, (vector - (x.ctypes.data // x.itemsize + range_start) % vector) % vector)
+    if group_rows and skew == 0:
+        # Group rows that start on a group's first channel ran 1.13-1.26 times as long as rows
+        # started any other vector-aligned way (C = 1024 and 2048 float32, in L2, one thread), for
+        # a reason not found: such a range starts its rows a vector in.
+        skew = min(total, vector)
     center = lane_space[:width]
     scale = lane_space[width : 2 * width]
     shift = lane_space[2 * width : 3 * width]
@@ -767,7 +802,7 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
         # np.intp(0), not a literal 0: the split kernels' part_moments and apply_part then share
         # these specializations (see block_group_sums).
         sample_moments(x, sample_start, np.intp(0), spatial, channels, num_groups, stats,
-                       lane_space, wide)  # fmt: skip
+                       staggered(lane_space, x, sample_start), wide)  # fmt: skip
         for g in range(num_groups):
             ref = np.float64(x[sample_start + g * channels_per_group])
             mean_hi, mean_lo, _, rstd = finalize_group(
@@ -776,8 +811,9 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
             first_channel = g * channels_per_group
             fold_group(coefficients, first_channel, first_channel, channels_per_group, mean_hi,
                        mean_lo, rstd, weight, bias)  # fmt: skip
+        apply_space = staggered(lane_space, written(x, out), sample_start)
         apply_positions(x, out, sample_start, np.intp(0), spatial, channels, num_groups,
-                        coefficients, lane_space)  # fmt: skip
+                        coefficients, apply_space)  # fmt: skip
 
 
 def _group_norm_fused(normalize_samples_at, x, out, num_samples, spatial, channels, num_groups,
@@ -830,8 +866,10 @@ def store_part_moments(x, spatial, channels, num_groups, num_parts, item, partia
     part = item % num_parts
     start, stop = part_bounds(spatial, num_parts, part)
     stats[:] = 0.0
-    sample_moments(x, n * spatial * channels, start, stop, channels, num_groups, stats,
-                   lane_space, wide)  # fmt: skip
+    sample_start = n * spatial * channels
+    moments_space = staggered(lane_space, x, sample_start + start * channels)
+    sample_moments(x, sample_start, start, stop, channels, num_groups, stats, moments_space,
+                   wide)  # fmt: skip
     for g in range(num_groups):
         for k in range(3):
             partial[(n * num_groups + g) * num_parts + part, k] = stats[g, k]
@@ -887,7 +925,8 @@ partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 def apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
                     bias, eps, coefficients, stats, lane_space):  # fmt: skip
     """``apply_part`` with its scratch given: ``coefficients``, ``(3, C)`` of x's dtype; ``stats``,
-    ``(1, 3)``; ``lane_space`` for the part's positions (see ``apply_positions``)."""
+    ``(1, 3)``; ``lane_space`` from ``apply_scratch`` for the part's positions (see
+    ``apply_positions``)."""
     n = item // num_parts
     channels_per_group = channels // num_groups
     for g in range(num_groups):
@@ -895,8 +934,9 @@ def apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_pa
                                   channels_per_group, weight, bias, eps, stats, coefficients,
                                   g * channels_per_group)  # fmt: skip
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
+    range_start = n * spatial * channels + start * channels
     apply_positions(x, out, n * spatial * channels, start, stop, channels, num_groups,
-                    coefficients, lane_space)  # fmt: skip
+                    coefficients, staggered(lane_space, written(x, out), range_start))  # fmt: skip
 
 
 @cached_njit()
