@@ -331,23 +331,25 @@ def _force_plan(monkeypatch, plan):
 
 
 def _assert_normalizes_at_offsets(rng, shape, groups, dtype, skips, offset=0.0):
-    """NHWC ``x`` of ``shape`` (plus ``offset``, per channel) starting ``skip`` values into a
-    buffer, for each of ``skips``: out of place and in place match the reference, and the
-    buffer around ``x`` is untouched."""
+    """NHWC ``x`` of ``shape`` (plus ``offset``, per channel) starting ``skip`` values past a
+    64-byte boundary of a buffer, for each of ``skips``: out of place and in place match the
+    reference, and the buffer around ``x`` is untouched."""
     channels = shape[-1]
     size = int(np.prod(shape))
     weight, bias = _affine(rng, channels, True)
-    for skip in skips:
-        buffer = rng.standard_normal(size + 16).astype(dtype)
+    for skip_in_line in skips:
+        buffer = rng.standard_normal(size + 32).astype(dtype)
+        skip = (-buffer.ctypes.data % 64) // buffer.itemsize + skip_in_line
         x = buffer[skip : skip + size].reshape(shape)
         x += np.asarray(offset).astype(dtype)
         around = np.concatenate([buffer[:skip], buffer[skip + size :]])
         expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NHWC")
         out = np.empty_like(x)
         nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=out)
-        np.testing.assert_allclose(out, expected, atol=tolerance(dtype), err_msg=f"skip {skip}")
+        message = f"{skip_in_line} values past a line"
+        np.testing.assert_allclose(out, expected, atol=tolerance(dtype), err_msg=message)
         nbgn.group_norm(x, groups, weight, bias, layout="NHWC", out=x)
-        np.testing.assert_allclose(x, expected, atol=tolerance(dtype), err_msg=f"skip {skip}")
+        np.testing.assert_allclose(x, expected, atol=tolerance(dtype), err_msg=message)
         np.testing.assert_array_equal(
             np.concatenate([buffer[:skip], buffer[skip + size :]]), around
         )

@@ -362,7 +362,7 @@ def test_apply_group_rows_refuse_bad_layouts_before_writing():
         (1, 2, 2, 2, vector, lane_table, out),  # one value past the end
         (-1, 1, 2, 2, vector, lane_table, out),
         (0, 1, simd.MAX_GROUP_VECTORS + 1, 1, vector, lane_table, out),
-        (0, 1, 2, 2, -1, lane_table, out),
+        (0, 1, 2, 2, -1, lane_table, out),  # fewer than no lanes of its own
         (0, 1, 2, 2, vector + 1, lane_table, out),
         (0, 1, 2, 3, vector, lane_table, out),  # more groups than centers
         (0, 1, 4, 2, vector, lane_table, out),  # rows longer than the lane tables

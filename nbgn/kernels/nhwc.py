@@ -121,10 +121,18 @@ def lane_scratch(positions, channels, num_groups, sum_type):
     Separate arrays, carved into views where they are used: a named tuple of such arrays read freed
     memory under Numba 0.68.
     """
-    width = lane_positions(channels, positions) * channels
-    lane_space = aligned_full(3 * width + num_groups + STAGGER_ROOM, sum_type)
+    lane_space = lane_space_for(positions, channels, num_groups, sum_type)
     wide = np.empty(2 * channels + 4 * num_groups)
     return lane_space, wide
+
+
+@numba.njit(inline="always")
+def lane_space_for(positions, channels, num_groups, fill):
+    """Lanes for ranges of up to ``positions``, of ``fill``'s type, 64-byte aligned: three rows of
+    them (pivots and sums; or centers, scales and shifts), one value a group (pivots; or centers),
+    and ``STAGGER_ROOM`` to spare for ``staggered`` views."""
+    width = lane_positions(channels, positions) * channels
+    return aligned_full(3 * width + num_groups + STAGGER_ROOM, fill)
 
 
 #: Values a lane scratch has to spare for ``staggered``: a page (4 KiB) of float32, two of float64.
@@ -137,7 +145,8 @@ STAGGER_BYTES = 512
 @numba.njit(inline="always")
 def staggered(space, target, start):
     """The view of ``space`` (64-byte aligned, ``STAGGER_ROOM`` values to spare) whose first value
-    lies ``STAGGER_BYTES`` past ``target[start]``, modulo a page (4 KiB), on a 64-byte boundary.
+    lies ``STAGGER_BYTES`` past ``target[start]``, modulo a page (4 KiB), rounded down to a 64-byte
+    boundary (449 to 512 bytes past).
 
     A load whose address matches an earlier store's in its low 12 bits waits as if it depended on
     it (4K aliasing). The kernels store to ``target`` from ``start`` on while they load lane sums
@@ -521,8 +530,7 @@ def apply_scratch(x, positions, channels, num_groups):
     """``lane_space`` for ``apply_positions`` on ranges of up to ``positions``, of x's dtype: the
     lane coefficients (three rows' worth) and the groups' centers, without which it would not
     take group rows (``simd.apply_group_rows``); with ``STAGGER_ROOM`` to spare (``staggered``)."""
-    width = lane_positions(channels, positions) * channels
-    return aligned_full(3 * width + num_groups + STAGGER_ROOM, cast_like(0.0, x))
+    return lane_space_for(positions, channels, num_groups, cast_like(0.0, x))
 
 
 @cached_njit(fastmath={"contract"})  # (x - c) * a + b as one rounding: fma
@@ -533,9 +541,9 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     ``coefficients`` holds the sample's centers, scales and shifts per channel, shape ``(3, C)``;
     they are spread over the lanes in ``lane_space`` (from ``lane_scratch`` or
     ``apply_scratch``, 64-byte aligned).
-    The rows start ``skew`` values in, where ``x`` is 64-byte aligned (group rows: never at a
-    sample's first value), and the lanes are rotated to match: a 512-bit load that straddles two
-    cache lines costs two.
+    The rows start ``skew`` values in, where ``x`` is 64-byte aligned (group rows of groups of
+    several vectors: never at the range's first value), and the lanes are rotated to match: a
+    512-bit load that straddles two cache lines costs two.
 
     Rows of whole 64-byte lines of at most ``simd.row_limits()[1]`` bytes (with AVX-512, 512: C
     dividing 128 for float32, 64 for float64, and multiples of their divisors such as 48) go
@@ -558,7 +566,7 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     range_start = sample_start + first_position * channels
     vector = 64 // x.itemsize
     # The shortest row of whole vectors: lcm(C, vector). Its lanes fit in lane_space when it is no
-    # longer than the sweeps' rows (which lane_scratch sized), i.e. the range has a row of it.
+    # longer than the sweeps' rows (which lane_space_for sized), i.e. the range has a row of it.
     vector_row = channels * (vector // np.gcd(channels, vector))
     vector_bytes, max_row_bytes = row_limits()
     in_registers = vector_row * x.itemsize <= max_row_bytes and vector_row <= lane_width
@@ -579,10 +587,11 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
         and 3 * width + num_groups <= lane_space.size
     )
     skew = min(total, (vector - (x.ctypes.data // x.itemsize + range_start) % vector) % vector)
-    if group_rows and skew == 0:
+    if group_rows and skew == 0 and group_vectors > 1:
         # Group rows that start on a group's first channel ran 1.13-1.26 times as long as rows
-        # started any other vector-aligned way (C = 1024 and 2048 float32, in L2, one thread), for
-        # a reason not found: such a range starts its rows a vector in.
+        # started any other vector-aligned way (groups of 2 and 4 vectors: C = 1024 and 2048
+        # float32, in L2, one thread; groups of one vector, C = 512, did not), for a reason not
+        # found: such a range starts its rows a vector in, in the middle of a group.
         skew = min(total, vector)
     center = lane_space[:width]
     scale = lane_space[width : 2 * width]
@@ -606,7 +615,8 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     elif group_rows:
         # Rows of one position whose groups are whole vectors: each group's center broadcast
         # (simd.apply_group_rows). The groups' centers go after the lane coefficients, in the
-        # room lane_scratch leaves for the moments' group pivots (unused until the next sample).
+        # room lane_space_for leaves for them (and for the moments' group pivots, unused until
+        # the next sample).
         centers = lane_space[3 * width : 3 * width + num_groups]
         for g in range(num_groups):
             centers[g] = coefficients[0, g * channels_per_group]

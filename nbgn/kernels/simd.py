@@ -1145,11 +1145,11 @@ def apply_group_rows(x, out, start, rows, group_vectors, groups, own_lanes, cent
     index in the row (``out=None``: in place).
 
     ``center`` is ``centers[k]`` for the ``k``-th run of a row, but in the run's last vector only
-    for its first ``own_lanes`` lanes (0 to all), the rest taking the next run's (the first run's
-    after the last): channels-last rows whose groups are whole vectors, started ``lanes -
-    own_lanes`` values into a group for alignment. One broadcast a group instead of a row of per-lane centers: the
-    lane coefficients of C = 2048 float32 shrink from 24 to 16 KiB, and stay in a 32 KiB L1 beside
-    a row of ``x``.
+    for its first ``own_lanes`` lanes (none to all), the rest taking the next run's (the first
+    run's after the last): channels-last rows whose groups are whole vectors, started ``lanes -
+    own_lanes`` values into a group (a whole vector in, with none of its own) for alignment. One
+    broadcast a group instead of a row of per-lane centers: the lane coefficients of C = 2048
+    float32 shrink from 24 to 16 KiB, and stay in a 32 KiB L1 beside a row of ``x``.
     """
     lanes = channel_lanes(x)
     row_length = groups * group_vectors * lanes
