@@ -388,6 +388,34 @@ def test_group_rows_at_any_buffer_alignment(rng, monkeypatch, dtype, channels, g
     _assert_normalizes_at_offsets(rng, (2, 3, 7, channels), groups, dtype, skips, centers)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(("samples", "channels", "groups"), [(8, 16, 4), (1, 2, 1)],
+                         ids=["fused", "split"])  # fmt: skip
+def test_outputs_past_the_l3_stream(rng, samples, channels, groups):
+    """Out of place, input and output together as large as ``simd._host_stream_bytes()``: the
+    channels' stores stream past the caches (``simd.apply_run``), in slabs of their own and in one
+    slab split between the threads, into an output one value off a 64-byte line. The reference's
+    values, and the very bits of the normalization in place (its plan is the same for the fused
+    slabs)."""
+    limit = simd._host_stream_bytes()
+    if limit is None:
+        pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
+    spatial = -(-limit // (2 * 4 * samples * channels))  # float32: x and out reach the limit
+    x = make_input((samples, channels, spatial), "NCHW", np.float32, rng, scale=2.0, offset=5.0)
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+    buffer = np.full(x.size + 16, np.nan, np.float32)
+    first = (-buffer.ctypes.data % 64) // 4 + 1
+    out = buffer[first : first + x.size].reshape(x.shape)
+    result = nbgn.group_norm(x, groups, weight, bias, out=out)
+    assert result is out
+    assert 2 * x.nbytes >= limit
+    expected = reference_group_norm(x, groups, weight, bias)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(np.float32))
+    if samples > 1:
+        nbgn.group_norm(x, groups, weight, bias, out=x)
+        np.testing.assert_array_equal(out, x)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_many_small_channels_last_samples(rng, dtype):
     """Many small NHWC samples (nhwc.normalize_small_samples, serial then parallel runs of

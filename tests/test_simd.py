@@ -6,6 +6,7 @@ around a vector's length, in place and not. The L1 size that chooses between the
 one row at a time is read from Linux's description of the caches, or assumed."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -13,7 +14,7 @@ import numba
 import numpy as np
 import pytest
 
-from nbgn.kernels import simd
+from nbgn.kernels import moments, simd
 
 CHECK = """
 import numpy as np
@@ -458,3 +459,96 @@ def test_apply_channel_windows_refuse_bad_layouts_before_writing():
     _apply_channel_windows(x, out, 0, 2 * lanes, spatial, 0.5, 0.0, 2.0, weight, weight, 0, table,
                            lanes)  # fmt: skip
     np.testing.assert_array_equal(out, 2.0)  # (1 - 0.5) * 2 * 1 + 1, the largest that fits
+
+
+# simd.apply_streamed and simd.streams are inlined into their callers: jitted callers for the tests.
+_apply_streamed = numba.njit(
+    lambda x, out, start, stop, center, scale, shift: simd.apply_streamed(
+        x, out, start, stop, center, scale, shift
+    )
+)
+_apply_reversed = numba.njit(
+    lambda x, out, start, stop, center, scale, shift: moments.apply_reversed(
+        x, out, start, stop, center, scale, shift
+    )
+)
+_streams = numba.njit(lambda x, out: simd.streams(x, out))
+
+
+def _aligned_view(length, dtype, skip):
+    """A ``length``-value view ``skip`` values past a 64-byte boundary, in a NaN-filled buffer."""
+    itemsize = np.dtype(dtype).itemsize
+    buffer = np.full(length + 128 // itemsize, np.nan, dtype)
+    first = (-buffer.ctypes.data % 64) // itemsize + skip
+    return buffer[first : first + length]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_apply_streamed_matches_apply_reversed(dtype):
+    """Runs at every offset from the output's vectors, of no values, fewer than a vector, whole
+    vectors and more than a chunk: bitwise the values of ``moments.apply_reversed`` (the same
+    roundings), nothing outside the run written."""
+    lanes = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(11)
+    coefficients = (dtype(0.7), dtype(1.3), dtype(-0.2))
+    for length in (0, 1, lanes - 1, lanes, 5 * lanes + 3, moments.APPLY_CHUNK + 2 * lanes + 7):
+        for skip in range(lanes):
+            for start in (0, 3):
+                x = rng.standard_normal(start + length + 5).astype(dtype)
+                out = _aligned_view(x.size, dtype, skip)
+                _apply_streamed(x, out, start, start + length, *coefficients)
+                expected = np.full_like(x, np.nan)
+                _apply_reversed(x, expected, start, start + length, *coefficients)
+                np.testing.assert_array_equal(out, expected)
+
+
+def test_apply_streamed_refuses_bad_runs_before_writing():
+    x = np.ones(64, np.float32)
+    out = np.zeros_like(x)
+    raw = np.zeros(x.nbytes + 4, np.uint8)
+    unaligned = raw[1 : 1 + x.nbytes].view(np.float32)
+    for target, start, stop in ((out, -1, 8), (out, 0, 65), (out[:32], 0, 8), (unaligned, 0, 8)):
+        with pytest.raises(ValueError, match="apply_streamed"):
+            _apply_streamed(x, target, start, stop, np.float32(0), np.float32(1), np.float32(0))
+        assert not target.any()
+
+
+def test_streams_from_three_quarters_of_the_l3():
+    """Out of place, from ``STREAM_L3_FRACTION`` of the L3 in input and output together; never in
+    place, nor into an output not aligned to its items. (Arrays this large are left untouched:
+    the OS maps no pages for them.)"""
+    limit = simd._host_stream_bytes()
+    if limit is None:
+        pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
+    values = limit // 8  # float32 values in each of x and out at the limit
+    x = np.empty(values, np.float32)
+    assert _streams(x, np.empty(values, np.float32))
+    assert not _streams(x, np.empty(values - 1, np.float32))
+    assert not _streams(x, None)
+    raw = np.empty(4 * values + 4, np.uint8)
+    assert not _streams(x, raw[1 : 1 + 4 * values].view(np.float32))
+
+
+@pytest.mark.parametrize(
+    ("caches", "expected"),
+    [
+        (((1, "Data", "32K"), (2, "Unified", "1024K"), (3, "Unified", "32768K")), 24 << 20),
+        (((3, "Unified", "96M"),), None),  # unreadable size
+        (((1, "Data", "48K"), (2, "Unified", "2048K")), None),  # no L3
+    ],
+)
+def test_stream_bytes_read_from_sysfs(tmp_path, monkeypatch, caches, expected):
+    _describe_caches(tmp_path, *caches)
+    monkeypatch.setattr(simd, "_CACHE_INFO", tmp_path)
+    assert simd._host_stream_bytes.__wrapped__() == expected
+
+
+def test_streamed_stores_are_non_temporal():
+    """The streamed vectors compile to non-temporal stores (``vmovntps``/``vmovntpd`` on x86)."""
+    if simd._host_stream_bytes() is None:
+        pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
+    for dtype in (np.float32, np.float64):
+        run = numba.njit(_apply_streamed.py_func)  # compiled here: cached code cannot be inspected
+        x = np.ones(256, dtype)
+        run(x, np.empty_like(x), 0, x.size, dtype(0.5), dtype(2.0), dtype(1.0))
+        assert re.search(r"\bvmovntp[sd]\b", run.inspect_asm(run.signatures[-1])), dtype

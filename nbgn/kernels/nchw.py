@@ -40,7 +40,6 @@ from .moments import (
     APPLY_CHUNK,
     aligned_full,
     apply_contiguous,
-    apply_reversed,
     cast_like,
     chunk_bounds,
     contiguous_moments,
@@ -54,7 +53,15 @@ from .moments import (
     rounded_mean,
     shifted_sums,
 )
-from .simd import apply_channel_windows, apply_channels, channel_lanes, window_table, window_widths
+from .simd import (
+    apply_channel_windows,
+    apply_channels,
+    apply_run,
+    channel_lanes,
+    fence_streams,
+    window_table,
+    window_widths,
+)
 
 
 @numba.njit(inline="always")
@@ -173,7 +180,7 @@ def normalize_segment(x, out, slab_start, slab_length, channel, mean_hi, mean_lo
     """Normalize a whole slab whose channels all have ``channel``'s weight and bias (see
     ``uniform_affine``): one segment, one loop."""
     center, scale, shift = fold_channel(mean_hi, mean_lo, rstd, weight[channel], bias[channel], x)
-    apply_reversed(x, out, slab_start, slab_start + slab_length, center, scale, shift)
+    apply_run(x, out, slab_start, slab_start + slab_length, center, scale, shift)
 
 
 #: Channels of at least a vector and at most this many values are normalized by
@@ -343,8 +350,9 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
                 center, scale, shift = fold_channel(
                     mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
                 )
-                apply_reversed(x, out, slab_start + k * spatial, slab_start + (k + 1) * spatial,
-                               center, scale, shift)  # fmt: skip
+                apply_run(x, out, slab_start + k * spatial, slab_start + (k + 1) * spatial, center,
+                          scale, shift)  # fmt: skip
+    fence_streams(x, out)
 
 
 @cached_njit()
@@ -507,9 +515,10 @@ def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, 
     while segment_stop > start:
         row = (segment_stop - 1) // spatial
         segment_start = max(start, row * spatial)
-        apply_reversed(x, out, slab_start + segment_start, slab_start + segment_stop,
-                       coefficients[0, row], coefficients[1, row], coefficients[2, row])  # fmt: skip
+        apply_run(x, out, slab_start + segment_start, slab_start + segment_stop,
+                  coefficients[0, row], coefficients[1, row], coefficients[2, row])  # fmt: skip
         segment_stop = segment_start
+    fence_streams(x, out)
 
 
 def _group_norm_split(part_moments_at, apply_part_at, x, out, num_samples, channels, spatial,
