@@ -1244,19 +1244,20 @@ def _apply_streamed_vectors(typingctx, x, out, start, count, center, scale, shif
         center, scale, shift = (_splat(builder, value, vector_type, ir.IntType(32))
                                 for value in args[4:7])  # fmt: skip
         nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
-        done = builder.function.append_basic_block("streamed.done")
-        vector, body = _loop_from_zero(builder, "streamed", num_vectors, done, intp)
-        index = builder.add(first, builder.mul(vector, ir.Constant(intp, lanes)))
-        value = builder.load(_vector_at(builder, x_array, index, vector_pointer), align=itemsize)
-        # No ``contract``: one rounding per operation, as the Numba loops of the callers
-        # (compiled without it) compute the rest of the run.
-        result = builder.fadd(builder.fmul(builder.fsub(value, center), scale), shift)
-        store = builder.store(result, _vector_at(builder, out_array, index, vector_pointer),
-                              align=lanes * itemsize)  # fmt: skip
-        store.set_metadata("nontemporal", nontemporal)
-        vector.add_incoming(builder.add(vector, ir.Constant(intp, 1)), body)
-        builder.branch(vector.parent)
-        builder.position_at_end(done)
+
+        def store_vector(vector, carried):
+            index = builder.add(first, builder.mul(vector, ir.Constant(intp, lanes)))
+            value = builder.load(_vector_at(builder, x_array, index, vector_pointer),
+                                 align=itemsize)  # fmt: skip
+            # No ``contract``: one rounding per operation, as the Numba loops of the callers
+            # (compiled without it) compute the rest of the run.
+            result = builder.fadd(builder.fmul(builder.fsub(value, center), scale), shift)
+            store = builder.store(result, _vector_at(builder, out_array, index, vector_pointer),
+                                  align=lanes * itemsize)  # fmt: skip
+            store.set_metadata("nontemporal", nontemporal)
+            return carried
+
+        _counted_loop(builder, "streamed", num_vectors, [], store_vector, intp)
         return context.get_dummy_value()
 
     return signature, codegen
