@@ -389,29 +389,46 @@ def test_group_rows_at_any_buffer_alignment(rng, monkeypatch, dtype, channels, g
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("samples", "channels", "groups"), [(8, 16, 4), (1, 2, 1)],
-                         ids=["fused", "split"])  # fmt: skip
-def test_outputs_past_the_l3_stream(rng, samples, channels, groups):
+@pytest.mark.parametrize(
+    ("samples", "channels", "spatial", "groups", "weights"),
+    [
+        (8, 16, None, 4, "random"),  # slabs of their own, a loop per channel
+        (8, 16, None, 4, None),  # one segment a slab (no weight: all channels share it)
+        (None, 40, 64, 1, "uniform"),  # the weight-pattern kernel's segments (equal weights)
+        (1, 2, None, 1, "random"),  # one slab, split between the threads where there are two
+    ],
+    ids=["channels", "segments", "patterned segments", "one slab"],
+)
+def test_outputs_past_the_l3_stream(rng, samples, channels, spatial, groups, weights):
     """Out of place, input and output together as large as ``simd._host_stream_bytes()``: the
-    channels' stores stream past the caches (``simd.apply_run``), in slabs of their own and in one
-    slab split between the threads, into an output one value off a 64-byte line. The reference's
-    values, and the very bits of the normalization in place (its plan is the same for the fused
-    slabs)."""
+    stores stream past the caches (``simd.apply_run``) in every NCHW kernel that takes long runs,
+    into an output one value off a 64-byte line. The reference's values, nothing written around
+    the output, and, where in place takes the same plan, the very bits of the in-place result."""
     limit = simd._host_stream_bytes()
     if limit is None:
         pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
-    spatial = -(-limit // (2 * 4 * samples * channels))  # float32: x and out reach the limit
+    values = -(-limit // 8)  # float32 values in x for x and out to reach the limit
+    if samples is None:
+        samples = -(-values // (channels * spatial))
+    else:
+        spatial = -(-values // (samples * channels))
     x = make_input((samples, channels, spatial), "NCHW", np.float32, rng, scale=2.0, offset=5.0)
-    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
-    buffer = np.full(x.size + 16, np.nan, np.float32)
+    weight, bias = {
+        "random": (rng.standard_normal(channels), rng.standard_normal(channels)),
+        "uniform": (np.full(channels, 1.5), np.full(channels, -0.5)),
+        None: (None, None),
+    }[weights]
+    buffer = np.full(x.size + 32, np.nan, np.float32)
     first = (-buffer.ctypes.data % 64) // 4 + 1
     out = buffer[first : first + x.size].reshape(x.shape)
     result = nbgn.group_norm(x, groups, weight, bias, out=out)
     assert result is out
     assert 2 * x.nbytes >= limit
+    assert np.isnan(buffer[:first]).all()
+    assert np.isnan(buffer[first + x.size :]).all()
     expected = reference_group_norm(x, groups, weight, bias)
     np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(np.float32))
-    if samples > 1:
+    if samples * groups > 1:  # fused in place too (one slab in place: the cooperative kernel)
         nbgn.group_norm(x, groups, weight, bias, out=x)
         np.testing.assert_array_equal(out, x)
 

@@ -14,7 +14,7 @@ import numba
 import numpy as np
 import pytest
 
-from nbgn.kernels import moments, simd
+from nbgn.kernels import moments, nchw, simd
 
 CHECK = """
 import numpy as np
@@ -538,17 +538,38 @@ def test_streams_from_three_quarters_of_the_l3():
     ],
 )
 def test_stream_bytes_read_from_sysfs(tmp_path, monkeypatch, caches, expected):
+    if simd._host_stream_bytes() is None:
+        pytest.skip("not x86-64, or compiling for a named CPU: nothing streams, whatever the L3")
     _describe_caches(tmp_path, *caches)
     monkeypatch.setattr(simd, "_CACHE_INFO", tmp_path)
     assert simd._host_stream_bytes.__wrapped__() == expected
 
 
 def test_streamed_stores_are_non_temporal():
-    """The streamed vectors compile to non-temporal stores (``vmovntps``/``vmovntpd`` on x86)."""
+    """The streamed vectors compile to non-temporal stores (``movntps``/``movntpd`` on x86), and
+    every NCHW kernel that may issue them fences them (``sfence``) before its thread is done."""
     if simd._host_stream_bytes() is None:
         pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
+    streamed = re.compile(r"\bv?movntp[sd]\b")
     for dtype in (np.float32, np.float64):
         run = numba.njit(_apply_streamed.py_func)  # compiled here: cached code cannot be inspected
         x = np.ones(256, dtype)
         run(x, np.empty_like(x), 0, x.size, dtype(0.5), dtype(2.0), dtype(1.0))
-        assert re.search(r"\bvmovntp[sd]\b", run.inspect_asm(run.signatures[-1])), dtype
+        assert streamed.search(run.inspect_asm(run.signatures[-1])), dtype
+    x = np.linspace(-1.0, 1.0, 2 * 16 * 64).astype(np.float32)
+    weight, bias = np.ones(16, np.float32), np.zeros(16, np.float32)
+    zero = np.float32(0)
+    partial = np.array([[512.0, 0.0, 100.0]] * 4)
+    out = np.empty_like(x)
+    affine = (weight, bias, 1e-5)
+    calls = {
+        nchw.normalize_slabs: (x, out, 0, 4, 16, 64, 2, *affine, zero),
+        nchw.normalize_slabs_patterned: (x, out, 0, 4, 2, 16, 64, 2, *affine, zero),
+        nchw.apply_part: (x, out, partial, np.zeros(2), 16, 64, 2, 2, 1, *affine),
+    }
+    for kernel, arguments in calls.items():
+        run = numba.njit(kernel.py_func)
+        run(*arguments)
+        code = run.inspect_asm(run.signatures[-1])
+        assert streamed.search(code), kernel.__name__
+        assert re.search(r"\bsfence\b", code), kernel.__name__

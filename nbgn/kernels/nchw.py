@@ -21,6 +21,9 @@ other, each by all threads together (``group_norm_cooperative``).
 Bytes moved per element (``b`` = itemsize): ``normalize_slabs`` reads a slab once for the moments and
 normalizes it while it is still in L2, so it moves ``2b`` to and from memory when the slab fits in L2
 and up to ``3b`` when it does not (reversed normalization keeps what the caches hold useful).
+Out of place, a separate output adds ``b`` read before it is written, save where input and output
+together outgrow the L3 (``simd.streams``): there the long runs stream past the caches
+(``simd.apply_run``), and each thread ends with ``simd.fence_streams``.
 """
 
 import numba
@@ -404,6 +407,7 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
         normalize_pair_against(x, out, slab_start, other_start, slab_length, mean_hi, mean_lo,
                                rstd, other_hi, other_lo, other_rstd, scales, shifts)  # fmt: skip
         item += 2
+    fence_streams(x, out)  # after the slabs of one weight and bias (normalize_segment)
 
 
 def _group_norm_fused(normalize_slabs_at, x, out, num_samples, channels, spatial, num_groups,
@@ -502,7 +506,7 @@ partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, item, weight, bias,
                eps):  # fmt: skip
     """Normalize part ``item % num_parts`` of slab ``item // num_parts``, last channel first (see
-    ``apply_reversed``), with the slab's moments merged from ``partial``."""
+    ``simd.apply_run``), with the slab's moments merged from ``partial``."""
     slab = item // num_parts
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial

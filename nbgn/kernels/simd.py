@@ -139,8 +139,9 @@ def _l1_data_bytes():
 
 
 #: Out of place, where the input and the output together fill at least this fraction of the L3,
-#: the long runs' stores stream past the caches (``apply_run``): the same three quarters of the
-#: shared cache from which glibc's memcpy stores non-temporally.
+#: the long runs' stores stream past the caches (``apply_run``): three quarters of the shared
+#: cache, where glibc's memcpy (before 2.33) began to copy with non-temporal stores. Measured
+#: between 20 and 24 MiB here (see ``streams``).
 STREAM_L3_FRACTION = 0.75
 
 
@@ -162,9 +163,13 @@ def streams(x, out):
     (``out=None``); else where both arrays together reach ``_host_stream_bytes()`` (a constant of
     the compiled code) and ``out`` is aligned to its items.
 
-    Below that, an output written through the caches is still there for the next call or layer,
-    and beside ``x`` it fits: out of place, (8, 128, 4096)/16 float32 (16 MiB each) took 1.01 ms
-    with ordinary stores and 0.72 ms streaming, two threads; 10 MiB each, 0.31 against 0.43 ms.
+    Below that, an output written through the caches fits beside ``x`` and is still there for the
+    next call or layer. Out of place, two threads, (N, 128, 4096)/16 float32 with ordinary
+    stores against streaming: 10 MiB each way, 0.31 against 0.43 ms; 12 MiB, 0.94 against 0.59;
+    16 MiB, 1.01 against 0.72.
+
+    The limit is a constant of the compiled code, as ``l1_data_bytes`` is: a cache of compiled
+    kernels moved to a host of the same CPU but another L3 keeps the limit it was built with.
     """
 
 
@@ -1230,7 +1235,12 @@ def apply_group_rows(x, out, start, rows, group_vectors, groups, own_lanes, cent
 
 @intrinsic
 def _apply_streamed_vectors(typingctx, x, out, start, count, center, scale, shift):
-    if not (_float_input_and_output(x, out) and isinstance(out, types.Array)):
+    # Flat C-contiguous arrays only: the loop indexes their data pointers.
+    if not (
+        _float_input_and_output(x, out)
+        and isinstance(out, types.Array)
+        and all(a.ndim == 1 and a.layout == "C" for a in (x, out))
+    ):
         return None
     signature = types.void(x, out, types.intp, types.intp, x.dtype, x.dtype, x.dtype)
 
@@ -1278,8 +1288,9 @@ def _store_fence(typingctx):
 @numba.njit(inline="always")
 def apply_streamed(x, out, start, stop, center, scale, shift):
     """``out[i] = (x[i] - center) * scale + shift`` for i in ``[start, stop)``, as
-    ``moments.apply_reversed`` (chunks from the end), but the vectors of ``out`` that the run
-    covers whole are stored past the caches (non-temporal, aligned stores); its ends as usual.
+    ``moments.apply_reversed`` (chunks from the end), but the 64-byte lines of ``out`` that the
+    run covers whole are stored past the caches (non-temporal, aligned vectors); its ends as
+    usual.
 
     ``out`` is a separate array as large as ``x``, aligned to its items (``streams``). Another
     thread may read ``out`` only after this one's ``fence_streams``.
@@ -1287,12 +1298,15 @@ def apply_streamed(x, out, start, stop, center, scale, shift):
     lanes = channel_lanes(x)
     if start < 0 or stop > x.size or out.size != x.size or out.ctypes.data % out.itemsize != 0:
         raise ValueError("apply_streamed: run out of bounds, or out not aligned to its items")
-    misaligned = (out.ctypes.data // out.itemsize + start) % lanes
-    body_start = min(stop, start + (lanes - misaligned) % lanes)
-    body_stop = body_start + (stop - body_start) // lanes * lanes
+    # Whole 64-byte lines streamed (one vector or more each): a line half streamed and half
+    # written through the cache would be read for the other half.
+    line = 64 // x.itemsize
+    misaligned = (out.ctypes.data // out.itemsize + start) % line
+    body_start = min(stop, start + (line - misaligned) % line)
+    body_stop = body_start + (stop - body_start) // line * line
     apply_contiguous(x, out, body_stop, stop, center, scale, shift)
     chunk_stop = body_stop
-    while chunk_stop > body_start:  # APPLY_CHUNK is whole vectors: every chunk starts aligned
+    while chunk_stop > body_start:  # APPLY_CHUNK is whole lines: every chunk starts on one
         chunk_start = max(body_start, chunk_stop - APPLY_CHUNK)
         _apply_streamed_vectors(x, out, chunk_start, (chunk_stop - chunk_start) // lanes, center,
                                 scale, shift)  # fmt: skip
