@@ -60,3 +60,8 @@ def make_input(shape_channels_first, layout: str, dtype, rng, scale=1.0, offset=
     """A C-contiguous random array in ``layout``, built from an (N, C, *spatial) shape."""
     x = rng.standard_normal(shape_channels_first) * scale + offset
     return np.ascontiguousarray(from_channels_first(x, layout)).astype(dtype)
+
+
+def past_line(buffer: np.ndarray, skip: int) -> int:
+    """The index in ``buffer`` ``skip`` values past its first 64-byte boundary."""
+    return (-buffer.ctypes.data % 64) // buffer.itemsize + skip

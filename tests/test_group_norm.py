@@ -6,6 +6,7 @@ import pytest
 from reference import (
     from_channels_first,
     make_input,
+    past_line,
     reference_group_norm,
     to_channels_first,
     tolerance,
@@ -339,7 +340,7 @@ def _assert_normalizes_at_offsets(rng, shape, groups, dtype, skips, offset=0.0):
     weight, bias = _affine(rng, channels, True)
     for skip_in_line in skips:
         buffer = rng.standard_normal(size + 32).astype(dtype)
-        skip = (-buffer.ctypes.data % 64) // buffer.itemsize + skip_in_line
+        skip = past_line(buffer, skip_in_line)
         x = buffer[skip : skip + size].reshape(shape)
         x += np.asarray(offset).astype(dtype)
         around = np.concatenate([buffer[:skip], buffer[skip + size :]])
@@ -419,7 +420,7 @@ def test_outputs_past_the_l3_stream(rng, samples, channels, spatial, groups, wei
         None: (None, None),
     }[weights]
     buffer = np.full(x.size + 32, np.nan, np.float32)
-    first = (-buffer.ctypes.data % 64) // 4 + 1
+    first = past_line(buffer, 1)
     out = buffer[first : first + x.size].reshape(x.shape)
     result = nbgn.group_norm(x, groups, weight, bias, out=out)
     assert result is out

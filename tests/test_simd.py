@@ -13,6 +13,7 @@ import sys
 import numba
 import numpy as np
 import pytest
+from reference import past_line
 
 from nbgn.kernels import moments, nchw, simd
 
@@ -477,9 +478,8 @@ _streams = numba.njit(lambda x, out: simd.streams(x, out))
 
 def _aligned_view(length, dtype, skip):
     """A ``length``-value view ``skip`` values past a 64-byte boundary, in a NaN-filled buffer."""
-    itemsize = np.dtype(dtype).itemsize
-    buffer = np.full(length + 128 // itemsize, np.nan, dtype)
-    first = (-buffer.ctypes.data % 64) // itemsize + skip
+    buffer = np.full(length + 128 // np.dtype(dtype).itemsize, np.nan, dtype)
+    first = past_line(buffer, skip)
     return buffer[first : first + length]
 
 

@@ -944,9 +944,10 @@ def apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_pa
                                   channels_per_group, weight, bias, eps, stats, coefficients,
                                   g * channels_per_group)  # fmt: skip
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
-    range_start = n * spatial * channels + start * channels
-    apply_positions(x, out, n * spatial * channels, start, stop, channels, num_groups,
-                    coefficients, staggered(lane_space, written(x, out), range_start))  # fmt: skip
+    sample_start = n * spatial * channels
+    apply_space = staggered(lane_space, written(x, out), sample_start + start * channels)
+    apply_positions(x, out, sample_start, start, stop, channels, num_groups, coefficients,
+                    apply_space)  # fmt: skip
 
 
 @cached_njit()

@@ -19,7 +19,7 @@ channel's last value (overlapping the one before it when the vectors do not divi
 thread, in place, (1, 1024, 7, 7)/32 took 8.4 us against 11.4.
 
 Out of place, where the input and the output together outgrow the L3 (``streams``), the long NCHW
-channels are written by ``apply_streamed``: non-temporal stores of whole, aligned vectors, which
+channels are written by ``apply_streamed``: non-temporal stores of whole 64-byte lines, which
 neither read the output's lines before writing them nor evict the input for them, the same DRAM
 traffic as ``x *= a`` (``apply_run`` chooses; ``fence_streams`` orders them before a thread reports
 its part done).
@@ -165,7 +165,7 @@ def streams(x, out):
 
     Below that, an output written through the caches fits beside ``x`` and is still there for the
     next call or layer. Out of place, two threads, (N, 128, 4096)/16 float32 with ordinary
-    stores against streaming: 10 MiB each way, 0.31 against 0.43 ms; 12 MiB, 0.94 against 0.59;
+    stores against streaming (a probe of these loops, into a warm output): 10 MiB each way, 0.31 against 0.43 ms; 12 MiB, 0.94 against 0.59;
     16 MiB, 1.01 against 0.72.
 
     The limit is a constant of the compiled code, as ``l1_data_bytes`` is: a cache of compiled
@@ -173,11 +173,17 @@ def streams(x, out):
     """
 
 
+def _never_streams(out) -> bool:
+    """Whether no call with an ``out`` of this Numba type streams: in place, or on a host where
+    nothing does (``_host_stream_bytes``). The overloads below then compile none of it."""
+    return isinstance(out, types.NoneType) or _host_stream_bytes() is None
+
+
 @overload(streams, inline="always")
 def _streams(x, out):
-    limit = _host_stream_bytes()
-    if isinstance(out, types.NoneType) or limit is None:
+    if _never_streams(out):
         return lambda x, out: False
+    limit = _host_stream_bytes()
     return lambda x, out: (
         x.size * x.itemsize + out.size * out.itemsize >= limit
         and out.ctypes.data % out.itemsize == 0
@@ -1321,7 +1327,7 @@ def apply_run(x, out, start, stop, center, scale, shift):
 
 @overload(apply_run)
 def _apply_run(x, out, start, stop, center, scale, shift):
-    if isinstance(out, types.NoneType) or _host_stream_bytes() is None:
+    if _never_streams(out):
         return lambda x, out, start, stop, center, scale, shift: apply_reversed(
             x, out, start, stop, center, scale, shift
         )
@@ -1343,7 +1349,7 @@ def fence_streams(x, out):
 
 @overload(fence_streams, inline="always")
 def _fence_streams(x, out):
-    if isinstance(out, types.NoneType) or _host_stream_bytes() is None:
+    if _never_streams(out):
         return lambda x, out: None
 
     def fence(x, out):
