@@ -63,7 +63,9 @@ from .simd import (
     SPILL_ROWS,
     apply_group_rows,
     apply_rows,
+    apply_streamed_rows,
     channel_lanes,
+    fence_streams,
     float64_run_sums,
     folded_lane_sums,
     l1_data_bytes,
@@ -71,6 +73,7 @@ from .simd import (
     lane_sums_in_registers,
     registers_hold_rows,
     row_limits,
+    streamed_rows_skew,
 )
 
 #: Lanes per row to aim for: enough for several 512-bit vectors when there are few channels, and
@@ -569,7 +572,13 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     # longer than the sweeps' rows (which lane_space_for sized), i.e. the range has a row of it.
     vector_row = channels * (vector // np.gcd(channels, vector))
     vector_bytes, max_row_bytes = row_limits()
-    in_registers = vector_row * x.itemsize <= max_row_bytes and vector_row <= lane_width
+    # Out of place past the L3 (simd.streams), rows of whole 64-byte lines of out are stored past
+    # the caches; they start on out's lines rather than x's.
+    stream_skew = streamed_rows_skew(x, out, range_start, lane_width)
+    streamed = stream_skew >= 0
+    in_registers = (
+        not streamed and vector_row * x.itemsize <= max_row_bytes and vector_row <= lane_width
+    )
     width = vector_row if in_registers else lane_width
     channels_per_group = channels // num_groups
     group_vectors = channels_per_group // vector
@@ -578,7 +587,8 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     # rows' vectors are the host's, and their offset into a group (vector - skew) is counted in
     # 64-byte lines, which narrower vectors would misread.
     group_rows = (
-        vector_bytes == 64
+        not streamed
+        and vector_bytes == 64
         and (out is None or (2 * x.itemsize + 2 * lane_space.itemsize) * width <= l1_data_bytes())
         and not in_registers
         and width == channels
@@ -587,6 +597,8 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
         and 3 * width + num_groups <= lane_space.size
     )
     skew = min(total, (vector - (x.ctypes.data // x.itemsize + range_start) % vector) % vector)
+    if streamed:
+        skew = min(total, stream_skew)
     if group_rows and skew == 0 and group_vectors > 1:
         # Group rows that start on a group's first channel ran 1.13-1.26 times as long as rows
         # started any other vector-aligned way (groups of 2 and 4 vectors: C = 1024 and 2048
@@ -605,7 +617,14 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     # runs of a chunk's length, not rows that step back every few dozen cache lines (one row at a
     # time, in reverse, ran a 16 MiB float64 part at 0.7 of this speed).
     chunk_rows = max(1, APPLY_CHUNK // width)
-    if in_registers:
+    if streamed:
+        chunk_stop = full_rows
+        while chunk_stop > 0:
+            chunk_start = max(0, chunk_stop - chunk_rows)
+            apply_streamed_rows(x, out, rows_start + chunk_start * width, chunk_stop - chunk_start,
+                                width, center, scale, shift)  # fmt: skip
+            chunk_stop = chunk_start
+    elif in_registers:
         chunk_stop = full_rows
         while chunk_stop > 0:
             chunk_start = max(0, chunk_stop - chunk_rows)
@@ -824,6 +843,7 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
         apply_space = staggered(lane_space, written(x, out), sample_start)
         apply_positions(x, out, sample_start, np.intp(0), spatial, channels, num_groups,
                         coefficients, apply_space)  # fmt: skip
+    fence_streams(x, out)
 
 
 def _group_norm_fused(normalize_samples_at, x, out, num_samples, spatial, channels, num_groups,
@@ -960,6 +980,7 @@ def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, 
     apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
                     bias, eps, np.empty((3, channels), x.dtype), np.empty((1, 3)),
                     lane_space)  # fmt: skip
+    fence_streams(x, out)
 
 
 def _group_norm_split(part_moments_at, apply_part_at, x, out, num_samples, spatial, channels,
@@ -1025,6 +1046,7 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
                 apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_threads,
                                 n * num_threads + part, weight, bias, eps, coefficients,
                                 merge_space, apply_space)  # fmt: skip
+    fence_streams(x, out)
 
 
 def _group_norm_cooperative(together_at, x, out, num_samples, spatial, channels, num_groups,

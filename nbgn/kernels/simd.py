@@ -1259,7 +1259,6 @@ def _apply_streamed_vectors(typingctx, x, out, start, count, center, scale, shif
         )
         center, scale, shift = (_splat(builder, value, vector_type, ir.IntType(32))
                                 for value in args[4:7])  # fmt: skip
-        nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
 
         def store_vector(vector, carried):
             index = builder.add(first, builder.mul(vector, ir.Constant(intp, lanes)))
@@ -1268,12 +1267,75 @@ def _apply_streamed_vectors(typingctx, x, out, start, count, center, scale, shif
             # No ``contract``: one rounding per operation, as the Numba loops of the callers
             # (compiled without it) compute the rest of the run.
             result = builder.fadd(builder.fmul(builder.fsub(value, center), scale), shift)
-            store = builder.store(result, _vector_at(builder, out_array, index, vector_pointer),
-                                  align=lanes * itemsize)  # fmt: skip
-            store.set_metadata("nontemporal", nontemporal)
+            _store_past_caches(builder, result, out_array, index, vector_pointer, lanes * itemsize)
             return carried
 
         _counted_loop(builder, "streamed", num_vectors, [], store_vector, intp)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
+def _store_past_caches(builder, vector, array, index, vector_pointer, align):
+    """Store ``vector`` at ``array[index]`` (an LLVM index, ``align``-byte aligned) with a
+    non-temporal hint: ``movntps``/``movntpd`` on x86."""
+    store = builder.store(vector, _vector_at(builder, array, index, vector_pointer), align=align)
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+
+
+@intrinsic
+def _apply_streamed_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shift):
+    # Flat C-contiguous arrays only: the loops index their data pointers.
+    floats = (types.float32, types.float64)
+    if not (
+        _float_input_and_output(x, out)
+        and isinstance(out, types.Array)
+        and all(a.ndim == 1 and a.layout == "C" for a in (x, out))
+        and all(
+            isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype in floats
+            for a in (center, scale, shift)
+        )
+    ):
+        return None
+    signature = types.void(x, out, types.intp, types.intp, types.intp, center, scale, shift)
+
+    def codegen(context, builder, sig, args):
+        x_array = context.make_array(sig.args[0])(context, builder, args[0])
+        out_array = context.make_array(sig.args[1])(context, builder, args[1])
+        first, num_rows, num_vectors = args[2], args[3], args[4]
+        lane_arrays = [
+            context.make_array(sig.args[k])(context, builder, args[k]) for k in (5, 6, 7)
+        ]
+        lane_types = [context.get_data_type(sig.args[k].dtype) for k in (5, 6, 7)]
+        _, itemsize, lanes, vector_type, vector_pointer, intp = _host_vectors(
+            context, sig.args[0].dtype
+        )
+        row_length = builder.mul(num_vectors, ir.Constant(intp, lanes))
+
+        def store_row(row, carried):
+            row_start = builder.add(first, builder.mul(row, row_length))
+
+            def store_vector(vector, carried):
+                lane = builder.mul(vector, ir.Constant(intp, lanes))
+                index = builder.add(row_start, lane)
+                value = builder.load(_vector_at(builder, x_array, index, vector_pointer),
+                                     align=itemsize)  # fmt: skip
+                center, scale, shift = (
+                    _load_as(builder, array, lane, lanes, lane_type, vector_type, intp)
+                    for array, lane_type in zip(lane_arrays, lane_types, strict=True)
+                )
+                # ``contract``: one fma, as apply_positions' loops (fastmath={"contract"}) compute
+                # the rows around these.
+                scaled = builder.fmul(builder.fsub(value, center), scale, flags=("contract",))
+                result = builder.fadd(scaled, shift, flags=("contract",))
+                _store_past_caches(builder, result, out_array, index, vector_pointer,
+                                   lanes * itemsize)  # fmt: skip
+                return carried
+
+            _counted_loop(builder, "streamed.vectors", num_vectors, [], store_vector, intp)
+            return carried
+
+        _counted_loop(builder, "streamed.rows", num_rows, [], store_row, intp)
         return context.get_dummy_value()
 
     return signature, codegen
@@ -1318,6 +1380,65 @@ def apply_streamed(x, out, start, stop, center, scale, shift):
                                 scale, shift)  # fmt: skip
         chunk_stop = chunk_start
     apply_contiguous(x, out, start, body_start, center, scale, shift)
+
+
+def apply_streamed_rows(x, out, start, rows, width, center, scale, shift):
+    """``out[i] = (x[i] - center[j]) * scale[j] + shift[j]`` for ``rows`` rows of ``width``
+    values from flat ``start``, ``j`` the index in the row (as ``apply_rows``), every row stored
+    past the caches: its first value on a 64-byte line of ``out``, ``width`` whole lines.
+
+    ``out`` is a separate array as large as ``x``; the lane arrays hold a row each, in x's dtype
+    or float64. Another thread may read ``out`` only after this one's ``fence_streams``. In
+    place (``out=None``: nothing streams, see ``streamed_rows_skew``) it raises ValueError.
+    """
+
+
+@overload(apply_streamed_rows, inline="always")
+def _apply_streamed_rows_checked(x, out, start, rows, width, center, scale, shift):
+    if isinstance(out, types.NoneType):
+
+        def refuse(x, out, start, rows, width, center, scale, shift):
+            raise ValueError("apply_streamed_rows: in place (out=None); nothing streams")
+
+        return refuse
+
+    def apply(x, out, start, rows, width, center, scale, shift):
+        line = 64 // x.itemsize
+        if (
+            rows < 0
+            or width <= 0
+            or width % line != 0
+            or start < 0
+            or start + rows * width > x.size
+            or out.size != x.size
+            or (out.ctypes.data + start * out.itemsize) % 64 != 0
+            or min(center.size, scale.size, shift.size) < width
+        ):
+            raise ValueError("apply_streamed_rows: rows out of bounds, not on 64-byte lines of "
+                             "out, or lanes shorter than a row")  # fmt: skip
+        _apply_streamed_rows(x, out, start, rows, width // channel_lanes(x), center, scale, shift)
+
+    return apply
+
+
+def streamed_rows_skew(x, out, start, width):
+    """Values from flat ``start`` to the first 64-byte line of ``out`` where rows of ``width``
+    values are normalized by ``apply_streamed_rows``: where ``streams(x, out)`` and a row is
+    whole lines; -1 where they are not (in place, always)."""
+
+
+@overload(streamed_rows_skew, inline="always")
+def _streamed_rows_skew(x, out, start, width):
+    if _never_streams(out):
+        return lambda x, out, start, width: -1
+
+    def skew(x, out, start, width):
+        line = 64 // x.itemsize
+        if not streams(x, out) or width % line != 0:
+            return -1
+        return (line - (out.ctypes.data // out.itemsize + start) % line) % line
+
+    return skew
 
 
 def apply_run(x, out, start, stop, center, scale, shift):
