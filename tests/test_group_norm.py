@@ -434,6 +434,52 @@ def test_outputs_past_the_l3_stream(rng, samples, channels, spatial, groups, wei
         np.testing.assert_array_equal(out, x)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("samples", "channels", "positions", "groups", "dtype"),
+    [
+        (None, 256, 1024, 32, np.float32),  # rows of two positions
+        (None, 3, 87381, 1, np.float32),  # one group; rows of 176 positions of three channels
+        (None, 2048, 64, 32, np.float64),  # rows of one position, groups of whole vectors
+        (None, 1000, 262, 8, np.float32),  # 1000 channels: rows of two positions (2000 values)
+        (1, 64, None, 8, np.float32),  # one sample, split between the threads where there are two
+    ],
+    ids=["two positions a row", "one group", "float64 group rows", "odd channels", "one sample"],
+)
+def test_channels_last_outputs_past_the_l3_stream(rng, samples, channels, positions, groups,
+                                                   dtype):  # fmt: skip
+    """NHWC out of place, input and output together as large as ``simd._host_stream_bytes()``:
+    the rows' stores stream past the caches (``simd.apply_streamed_rows``), their first values on
+    the output's 64-byte lines, into an output one value off a line. The reference's values,
+    nothing written around the output, and, where in place takes the same plan (samples of at
+    most ``_schedule.COOPERATIVE_BYTES``), the very bits of the in-place result."""
+    limit = simd._host_stream_bytes()
+    if limit is None:
+        pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
+    itemsize = np.dtype(dtype).itemsize
+    values = -(-limit // (2 * itemsize))  # values in x for x and out to reach the limit
+    if samples is None:
+        samples = -(-values // (channels * positions))
+    else:
+        positions = -(-values // (samples * channels))
+    x = make_input((samples, channels, positions), "NHWC", dtype, rng, scale=2.0, offset=5.0)
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+    buffer = np.full(x.size + 64, np.nan, dtype)
+    first = past_line(buffer, 1)
+    out = buffer[first : first + x.size].reshape(x.shape)
+    result = nbgn.group_norm(x, groups, weight, bias, out=out, layout="NHWC")
+    assert result is out
+    assert 2 * x.nbytes >= limit
+    assert np.isnan(buffer[:first]).all()
+    assert np.isnan(buffer[first + x.size :]).all()
+    expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NHWC")
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(dtype))
+    if samples > 1:
+        assert channels * positions * itemsize <= _schedule.COOPERATIVE_BYTES  # the fused plan
+        nbgn.group_norm(x, groups, weight, bias, out=x, layout="NHWC")
+        np.testing.assert_array_equal(out, x)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_many_small_channels_last_samples(rng, dtype):
     """Many small NHWC samples (nhwc.normalize_small_samples, serial then parallel runs of

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from reference import past_line
 
-from nbgn.kernels import moments, nchw, simd
+from nbgn.kernels import moments, nchw, nhwc, simd
 
 CHECK = """
 import numpy as np
@@ -545,9 +545,98 @@ def test_stream_bytes_read_from_sysfs(tmp_path, monkeypatch, caches, expected):
     assert simd._host_stream_bytes.__wrapped__() == expected
 
 
+# simd.apply_streamed_rows and simd.streamed_rows_skew are inlined into their callers, as above.
+_apply_streamed_rows = numba.njit(
+    lambda x, out, start, rows, width, center, scale, shift: simd.apply_streamed_rows(
+        x, out, start, rows, width, center, scale, shift
+    )
+)
+_streamed_rows_skew = numba.njit(
+    lambda x, out, start, width: simd.streamed_rows_skew(x, out, start, width)
+)
+
+
+@numba.njit(fastmath={"contract"})  # one fma a value, as nhwc.apply_positions' loops
+def _apply_lane_rows(x, out, start, rows, width, center, scale, shift):
+    for r in range(rows):
+        for j in range(width):
+            i = start + r * width + j
+            out[i] = (x[i] - moments.cast_like(center[j], x)) * moments.cast_like(
+                scale[j], x
+            ) + moments.cast_like(shift[j], x)
+
+
+@pytest.mark.parametrize(("dtype", "lane_dtype"), [(np.float32, np.float32),
+                                                   (np.float32, np.float64),
+                                                   (np.float64, np.float64)])  # fmt: skip
+def test_apply_streamed_rows_match_the_lane_loop(dtype, lane_dtype):
+    """Rows of one to 40 lines, none to several, from a 64-byte line of ``out`` that ``x`` need
+    not share: bitwise the values of the rows' loop in ``nhwc.apply_positions`` (one fma a
+    value; lanes of float64 rounded to x's dtype first), nothing outside the rows written."""
+    line = 64 // np.dtype(dtype).itemsize
+    rng = np.random.default_rng(12)
+    for width in (line, 3 * line, 40 * line):
+        center, scale, shift = (rng.standard_normal(width).astype(lane_dtype) for _ in range(3))
+        for rows in (0, 1, 5):
+            for x_skip in (0, 1):
+                size = 3 * line + rows * width + 5
+                x = _aligned_view(size, dtype, x_skip)
+                x[:] = rng.standard_normal(size)
+                out = _aligned_view(size, dtype, 0)
+                _apply_streamed_rows(x, out, 2 * line, rows, width, center, scale, shift)
+                expected = np.full_like(x, np.nan)
+                _apply_lane_rows(x, expected, 2 * line, rows, width, center, scale, shift)
+                np.testing.assert_array_equal(out, expected)
+
+
+def test_apply_streamed_rows_refuse_bad_rows_before_writing():
+    """In place, a row off out's 64-byte lines, rows of part of a line, rows past the end, an
+    output of another size, lanes shorter than a row: ValueError, nothing written."""
+    lanes = np.ones(32, np.float32)
+    x = np.ones(256, np.float32)
+    out = _aligned_view(256, np.float32, 0)
+    out[:] = 0.0
+    for target, start, rows, width, lane in (
+        (out, 1, 1, 16, lanes),  # off a line
+        (out, 0, 1, 8, lanes),  # half a line a row
+        (out, 0, 1, 0, lanes),  # empty rows
+        (out, 16, 8, 32, lanes),  # past the end
+        (out, -16, 1, 16, lanes),
+        (out[:128], 0, 1, 16, lanes),  # not x's size
+        (out, 0, 1, 32, lanes[:16]),  # lanes shorter than a row
+    ):
+        with pytest.raises(ValueError, match="apply_streamed_rows"):
+            _apply_streamed_rows(x, target, start, rows, width, lane, lane, lane)
+        assert not out.any()
+    with pytest.raises(ValueError, match="apply_streamed_rows: in place"):
+        _apply_streamed_rows(x, None, 0, 1, 16, lanes, lanes, lanes)
+    np.testing.assert_array_equal(x, 1.0)
+
+
+def test_streamed_rows_start_on_out_lines_past_the_limit():
+    """``streamed_rows_skew``: where ``streams`` and rows of whole 64-byte lines, the values up
+    to out's next line (whatever x's alignment); -1 in place, below the limit, and for rows of
+    part of a line. (Arrays this large are left untouched: the OS maps no pages for them.)"""
+    limit = simd._host_stream_bytes()
+    if limit is None:
+        pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
+    values = limit // 8  # float32 values in each of x and out at the limit
+    x = np.empty(values, np.float32)
+    for skip in (0, 1, 15):
+        out = _aligned_view(values, np.float32, skip)
+        for start in (0, 5, 16):
+            skew = _streamed_rows_skew(x, out, start, 512)
+            assert 0 <= skew < 16
+            assert (out.ctypes.data + (start + skew) * 4) % 64 == 0
+        assert _streamed_rows_skew(x, out, 0, 520) == -1  # rows of 32.5 lines
+    assert _streamed_rows_skew(x, None, 0, 512) == -1
+    assert _streamed_rows_skew(x[1:], _aligned_view(values - 1, np.float32, 0), 0, 512) == -1
+
+
 def test_streamed_stores_are_non_temporal():
     """The streamed vectors compile to non-temporal stores (``movntps``/``movntpd`` on x86), and
-    every NCHW kernel that may issue them fences them (``sfence``) before its thread is done."""
+    every kernel that may issue them, NCHW and NHWC, fences them (``sfence``) before its thread is
+    done."""
     if simd._host_stream_bytes() is None:
         pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
     streamed = re.compile(r"\bv?movntp[sd]\b")
@@ -562,10 +651,18 @@ def test_streamed_stores_are_non_temporal():
     partial = np.array([[512.0, 0.0, 100.0]] * 4)
     out = np.empty_like(x)
     affine = (weight, bias, 1e-5)
+    progress, together_partial, refs, started = nhwc.cooperative_scratch(x, 2, 64, 16, 2, 1)
+    # thread 0 of 1, with the cooperative kernel's counters and scratch
+    together = (x, out, 2, 64, 16, 2, *affine, zero, 0, 1, progress, together_partial, refs,
+                started)  # fmt: skip
     calls = {
         nchw.normalize_slabs: (x, out, 0, 4, 16, 64, 2, *affine, zero),
         nchw.normalize_slabs_patterned: (x, out, 0, 4, 2, 16, 64, 2, *affine, zero),
         nchw.apply_part: (x, out, partial, np.zeros(2), 16, 64, 2, 2, 1, *affine),
+        # NHWC: 2 samples of 64 positions of 16 channels, 2 groups
+        nhwc.normalize_samples: (x, out, 0, 2, 64, 16, 2, *affine, zero),
+        nhwc.apply_part: (x, out, partial, np.zeros(4), 64, 16, 2, 2, 1, *affine),
+        nhwc.normalize_samples_together: together,
     }
     for kernel, arguments in calls.items():
         run = numba.njit(kernel.py_func)
