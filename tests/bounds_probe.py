@@ -34,7 +34,8 @@ warnings.filterwarnings("ignore", "Cannot cache compiled function", NumbaWarning
 # The L1 that sends NHWC rows of 8 KiB one at a time out of place (read when a kernel compiles).
 simd._host_l1_data_bytes = lambda: 48 * 1024
 # Out-of-place runs stream from 4 KiB of input and output (read when a kernel compiles): the
-# Numba loops around the streamed vectors (simd.apply_streamed) are checked too.
+# Numba loops around the streamed vectors (simd.apply_streamed) and rows (simd.apply_streamed_rows,
+# NHWC) are checked too.
 simd._host_stream_bytes = lambda: 4096
 
 #: (N, C, *spatial) shapes and groups that reach each kernel: NCHW weight patterns, short slabs,

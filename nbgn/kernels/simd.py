@@ -22,7 +22,8 @@ Out of place, where the input and the output together outgrow the L3 (``streams`
 channels are written by ``apply_streamed``: non-temporal stores of whole 64-byte lines, which
 neither read the output's lines before writing them nor evict the input for them, the same DRAM
 traffic as ``x *= a`` (``apply_run`` chooses; ``fence_streams`` orders them before a thread reports
-its part done).
+its part done). The NHWC rows are, by ``apply_streamed_rows``: rows of lanes from a line of the
+output (``streamed_rows_skew``), their coefficients loaded a vector at a time.
 
 Shorter channels whose group is whole windows of a vector's (or half a vector's) worth of
 channels take ``apply_channel_windows``: the window's scales and shifts in two registers, permuted
