@@ -434,20 +434,33 @@ def test_outputs_past_the_l3_stream(rng, samples, channels, spatial, groups, wei
         np.testing.assert_array_equal(out, x)
 
 
+_streamed_rows_skew = numba.njit(
+    lambda x, out, start, width: simd.streamed_rows_skew(x, out, start, width)
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    ("samples", "channels", "positions", "groups", "dtype"),
+    ("samples", "channels", "positions", "groups", "dtype", "eps"),
     [
-        (None, 256, 1024, 32, np.float32),  # rows of two positions
-        (None, 3, 87381, 1, np.float32),  # one group; rows of 176 positions of three channels
-        (None, 2048, 64, 32, np.float64),  # rows of one position, groups of whole vectors
-        (None, 1000, 262, 8, np.float32),  # 1000 channels: rows of two positions (2000 values)
-        (1, 64, None, 8, np.float32),  # one sample, split between the threads where there are two
+        (None, 256, 1024, 32, np.float32, 1e-5),  # rows of two positions
+        (None, 256, 1024, 32, np.float32, 1e-20),  # moments summed in float64 (NATIVE_MIN_EPS)
+        (None, 3, 87381, 1, np.float32, 1e-5),  # one group; rows of 176 positions of 3 channels
+        (None, 2048, 64, 32, np.float64, 1e-5),  # rows of one position, groups of whole vectors
+        (None, 1000, 262, 8, np.float32, 1e-5),  # 1000 channels: rows of two positions
+        (1, 64, None, 8, np.float32, 1e-5),  # one sample, split between the threads where two
     ],
-    ids=["two positions a row", "one group", "float64 group rows", "odd channels", "one sample"],
+    ids=[
+        "two positions a row",
+        "float64 sums",
+        "one group",
+        "float64 group rows",
+        "odd C",
+        "one sample",
+    ],
 )
 def test_channels_last_outputs_past_the_l3_stream(rng, samples, channels, positions, groups,
-                                                   dtype):  # fmt: skip
+                                                   dtype, eps):  # fmt: skip
     """NHWC out of place, input and output together as large as ``simd._host_stream_bytes()``:
     the rows' stores stream past the caches (``simd.apply_streamed_rows``), their first values on
     the output's 64-byte lines, into an output one value off a line. The reference's values,
@@ -467,16 +480,18 @@ def test_channels_last_outputs_past_the_l3_stream(rng, samples, channels, positi
     buffer = np.full(x.size + 64, np.nan, dtype)
     first = past_line(buffer, 1)
     out = buffer[first : first + x.size].reshape(x.shape)
-    result = nbgn.group_norm(x, groups, weight, bias, out=out, layout="NHWC")
+    lane_width = nhwc.lane_positions(channels, positions) * channels
+    assert _streamed_rows_skew(x.ravel(), out.ravel(), 0, lane_width) >= 0  # these rows stream
+    result = nbgn.group_norm(x, groups, weight, bias, eps=eps, out=out, layout="NHWC")
     assert result is out
     assert 2 * x.nbytes >= limit
     assert np.isnan(buffer[:first]).all()
     assert np.isnan(buffer[first + x.size :]).all()
-    expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NHWC")
+    expected = reference_group_norm(x, groups, weight, bias, eps, "NHWC")
     np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(dtype))
     if samples > 1:
         assert channels * positions * itemsize <= _schedule.COOPERATIVE_BYTES  # the fused plan
-        nbgn.group_norm(x, groups, weight, bias, out=x, layout="NHWC")
+        nbgn.group_norm(x, groups, weight, bias, eps=eps, out=x, layout="NHWC")
         np.testing.assert_array_equal(out, x)
 
 

@@ -35,6 +35,7 @@ body ran at half the speed, and linked into it took seconds more to compile.
 
 import numba
 import numpy as np
+from numba.extending import overload
 
 from . import _compile
 from ._compile import (
@@ -532,6 +533,21 @@ def spread_lanes(coefficients, first_channel, width, lane_space):
         channel = channel + 1 if channel + 1 < channels else 0
 
 
+def lanes_of_dtype(x, lane_space, positions, channels, num_groups):
+    """``lane_space`` (from ``lane_scratch``) where its dtype is x's, else ``apply_scratch``'s: the
+    normalization's lanes hold coefficients in x's dtype, which every row kind computes in (the
+    moments' lanes are float64 for float32 x where ``eps`` is below ``moments.NATIVE_MIN_EPS``)."""
+
+
+@overload(lanes_of_dtype, inline="always")
+def _lanes_of_dtype(x, lane_space, positions, channels, num_groups):
+    if lane_space.dtype == x.dtype:
+        return lambda x, lane_space, positions, channels, num_groups: lane_space
+    return lambda x, lane_space, positions, channels, num_groups: apply_scratch(
+        x, positions, channels, num_groups
+    )
+
+
 @numba.njit(inline="always")
 def apply_scratch(x, positions, channels, num_groups):
     """``lane_space`` for ``apply_positions`` on ranges of up to ``positions``, of x's dtype: the
@@ -607,9 +623,10 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
         and group_vectors <= MAX_GROUP_VECTORS
         and 3 * width + num_groups <= lane_space.size
     )
-    skew = min(total, (vector - (x.ctypes.data // x.itemsize + range_start) % vector) % vector)
     if streamed:
         skew = min(total, stream_skew)
+    else:
+        skew = min(total, (vector - (x.ctypes.data // x.itemsize + range_start) % vector) % vector)
     if group_rows and skew == 0 and group_vectors > 1:
         # Group rows that start on a group's first channel ran 1.13-1.26 times as long as rows
         # started any other vector-aligned way (groups of 2 and 4 vectors: C = 1024 and 2048
@@ -628,34 +645,28 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     # runs of a chunk's length, not rows that step back every few dozen cache lines (one row at a
     # time, in reverse, ran a 16 MiB float64 part at 0.7 of this speed).
     chunk_rows = max(1, APPLY_CHUNK // width)
-    if streamed:
-        chunk_stop = full_rows
-        while chunk_stop > 0:
-            chunk_start = max(0, chunk_stop - chunk_rows)
-            apply_streamed_rows(x, out, rows_start + chunk_start * width, chunk_stop - chunk_start,
-                                width, center, scale, shift)  # fmt: skip
-            chunk_stop = chunk_start
-    elif in_registers:
-        chunk_stop = full_rows
-        while chunk_stop > 0:
-            chunk_start = max(0, chunk_stop - chunk_rows)
-            apply_rows(x, out, rows_start + chunk_start * width, chunk_stop - chunk_start,
-                       width * x.itemsize // vector_bytes, center, scale, shift)  # fmt: skip
-            chunk_stop = chunk_start
-    elif group_rows:
+    if streamed or in_registers or group_rows:
         # Rows of one position whose groups are whole vectors: each group's center broadcast
         # (simd.apply_group_rows). The groups' centers go after the lane coefficients, in the
         # room lane_space_for leaves for them (and for the moments' group pivots, unused until
         # the next sample).
         centers = lane_space[3 * width : 3 * width + num_groups]
-        for g in range(num_groups):
-            centers[g] = coefficients[0, g * channels_per_group]
+        if group_rows:
+            for g in range(num_groups):
+                centers[g] = coefficients[0, g * channels_per_group]
         chunk_stop = full_rows
         while chunk_stop > 0:
             chunk_start = max(0, chunk_stop - chunk_rows)
-            apply_group_rows(x, out, rows_start + chunk_start * width, chunk_stop - chunk_start,
-                             group_vectors, num_groups, vector - skew, centers, scale,
-                             shift)  # fmt: skip
+            first_row = rows_start + chunk_start * width
+            rows = chunk_stop - chunk_start
+            if streamed:
+                apply_streamed_rows(x, out, first_row, rows, width, center, scale, shift)
+            elif in_registers:
+                apply_rows(x, out, first_row, rows, width * x.itemsize // vector_bytes, center,
+                           scale, shift)  # fmt: skip
+            else:
+                apply_group_rows(x, out, first_row, rows, group_vectors, num_groups,
+                                 vector - skew, centers, scale, shift)  # fmt: skip
             chunk_stop = chunk_start
     else:
         # Out of place, a sweep touches the lane coefficients and four rows each of x and out.
@@ -834,6 +845,7 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
     channels_per_group = channels // num_groups
     sample_length = spatial * channels
     lane_space, wide = lane_scratch(spatial, channels, num_groups, sum_type)
+    apply_lanes = lanes_of_dtype(x, lane_space, spatial, channels, num_groups)
     stats = np.empty((num_groups, 3))
     coefficients = np.empty((3, channels), x.dtype)
     for n in range(first_sample, stop_sample):
@@ -851,7 +863,7 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
             first_channel = g * channels_per_group
             fold_group(coefficients, first_channel, first_channel, channels_per_group, mean_hi,
                        mean_lo, rstd, weight, bias)  # fmt: skip
-        apply_space = staggered(lane_space, written(x, out), sample_start)
+        apply_space = staggered(apply_lanes, written(x, out), sample_start)
         apply_positions(x, out, sample_start, np.intp(0), spatial, channels, num_groups,
                         coefficients, apply_space)  # fmt: skip
     fence_streams(x, out)

@@ -22,8 +22,8 @@ Out of place, where the input and the output together outgrow the L3 (``streams`
 channels are written by ``apply_streamed``: non-temporal stores of whole 64-byte lines, which
 neither read the output's lines before writing them nor evict the input for them, the same DRAM
 traffic as ``x *= a`` (``apply_run`` chooses; ``fence_streams`` orders them before a thread reports
-its part done). The NHWC rows are, by ``apply_streamed_rows``: rows of lanes from a line of the
-output (``streamed_rows_skew``), their coefficients loaded a vector at a time.
+its part done). ``apply_streamed_rows`` does the same for the NHWC rows of lanes, each started on
+a line of the output (``streamed_rows_skew``), its coefficients loaded a vector at a time.
 
 Shorter channels whose group is whole windows of a vector's (or half a vector's) worth of
 channels take ``apply_channel_windows``: the window's scales and shifts in two registers, permuted
@@ -1286,16 +1286,16 @@ def _store_past_caches(builder, vector, array, index, vector_pointer, align):
 
 @intrinsic
 def _apply_streamed_rows(typingctx, x, out, start, rows, row_vectors, center, scale, shift):
-    # Flat C-contiguous arrays only: the loops index their data pointers.
-    floats = (types.float32, types.float64)
+    # Flat C-contiguous arrays only, lanes of x's dtype: the loops index their data pointers, and
+    # compute in x's dtype as nhwc.apply_positions' loops do with its lanes.
     if not (
         _float_input_and_output(x, out)
         and isinstance(out, types.Array)
-        and all(a.ndim == 1 and a.layout == "C" for a in (x, out))
         and all(
-            isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C" and a.dtype in floats
-            for a in (center, scale, shift)
+            isinstance(a, types.Array) and a.ndim == 1 and a.layout == "C"
+            for a in (x, out, center, scale, shift)
         )
+        and all(a.dtype == x.dtype for a in (center, scale, shift))
     ):
         return None
     signature = types.void(x, out, types.intp, types.intp, types.intp, center, scale, shift)
@@ -1307,10 +1307,7 @@ def _apply_streamed_rows(typingctx, x, out, start, rows, row_vectors, center, sc
         lane_arrays = [
             context.make_array(sig.args[k])(context, builder, args[k]) for k in (5, 6, 7)
         ]
-        lane_types = [context.get_data_type(sig.args[k].dtype) for k in (5, 6, 7)]
-        _, itemsize, lanes, vector_type, vector_pointer, intp = _host_vectors(
-            context, sig.args[0].dtype
-        )
+        _, itemsize, lanes, _, vector_pointer, intp = _host_vectors(context, sig.args[0].dtype)
         row_length = builder.mul(num_vectors, ir.Constant(intp, lanes))
 
         def store_row(row, carried):
@@ -1322,8 +1319,8 @@ def _apply_streamed_rows(typingctx, x, out, start, rows, row_vectors, center, sc
                 value = builder.load(_vector_at(builder, x_array, index, vector_pointer),
                                      align=itemsize)  # fmt: skip
                 center, scale, shift = (
-                    _load_as(builder, array, lane, lanes, lane_type, vector_type, intp)
-                    for array, lane_type in zip(lane_arrays, lane_types, strict=True)
+                    builder.load(_vector_at(builder, array, lane, vector_pointer), align=itemsize)
+                    for array in lane_arrays
                 )
                 # ``contract``: one fma, as apply_positions' loops (fastmath={"contract"}) compute
                 # the rows around these.
@@ -1388,18 +1385,19 @@ def apply_streamed_rows(x, out, start, rows, width, center, scale, shift):
     values from flat ``start``, ``j`` the index in the row (as ``apply_rows``), every row stored
     past the caches: its first value on a 64-byte line of ``out``, ``width`` whole lines.
 
-    ``out`` is a separate array as large as ``x``; the lane arrays hold a row each, in x's dtype
-    or float64. Another thread may read ``out`` only after this one's ``fence_streams``. In
-    place (``out=None``: nothing streams, see ``streamed_rows_skew``) it raises ValueError.
+    ``out`` is a separate array as large as ``x``; the lane arrays hold a row each, in x's
+    dtype. Another thread may read ``out`` only after this one's ``fence_streams``. Where
+    nothing streams (in place, ``out=None``, or on a host without streaming: see
+    ``streamed_rows_skew``) it raises ValueError.
     """
 
 
 @overload(apply_streamed_rows, inline="always")
 def _apply_streamed_rows_checked(x, out, start, rows, width, center, scale, shift):
-    if isinstance(out, types.NoneType):
+    if _never_streams(out):
 
         def refuse(x, out, start, rows, width, center, scale, shift):
-            raise ValueError("apply_streamed_rows: in place (out=None); nothing streams")
+            raise ValueError("apply_streamed_rows: nothing streams in place or on this host")
 
         return refuse
 
