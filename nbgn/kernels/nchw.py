@@ -28,7 +28,8 @@ together outgrow the L3 (``simd.streams``): there the long runs stream past the 
 
 import numba
 import numpy as np
-from numba.extending import register_jitable
+from numba import types
+from numba.extending import overload, register_jitable
 
 from . import _compile
 from ._compile import (
@@ -61,7 +62,9 @@ from .simd import (
     apply_channels,
     apply_run,
     channel_lanes,
+    copy_streamed,
     fence_streams,
+    streams,
     window_table,
     window_widths,
 )
@@ -326,36 +329,144 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
     coefficients = np.empty((3, channels_per_group), x.dtype)
     # The whole vector's windows only: half a vector's lost to the weight patterns on long slabs.
     lanes, table = fitting_windows(window_widths(x)[0], 0, channels_per_group, spatial)
+    # Out of place past the L3, slabs of short channels (which apply_run does not stream) are
+    # normalized into a scratch run of slabs in L1 or L2, streamed from there to out when full
+    # (see slab_streams): runs of consecutive slabs, contiguous in out.
+    streamed = slab_streams(x, out, spatial, slab_length)
+    run_slabs = max(1, STREAM_RUN_BYTES // (slab_length * x.itemsize)) if streamed else 0
+    scratch = np.empty(run_slabs * slab_length, x.dtype)
+    run_first = first_slab
+    run_length = 0  # slabs normalized into scratch, not yet streamed to out
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
         mean_hi, mean_lo, rstd = slab_moments(x, slab_start, slab_length, stats, sum_type, eps)
         first_channel = (slab % num_groups) * channels_per_group
         if uniform_affine(weight, bias, first_channel, channels_per_group):
+            stream_scratch(scratch, run_length * slab_length, out, run_first * slab_length)
+            run_length = 0
             normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
                               rstd, weight, bias)  # fmt: skip
-        elif lanes:
-            normalize_windows(x, out, slab_start, channels_per_group, spatial, mean_hi, mean_lo,
-                              rstd, weight, bias, first_channel, table, lanes)  # fmt: skip
-        elif spatial == 1:
-            normalize_values(x, out, slab_start, first_channel, channels_per_group, mean_hi,
-                             mean_lo, rstd, weight, bias)  # fmt: skip
-        elif channel_lanes(x) <= spatial <= SHORT_CHANNEL:
-            fold_group(coefficients, 0, first_channel, channels_per_group, mean_hi, mean_lo, rstd,
-                       weight, bias)  # fmt: skip
-            apply_channels(x, out, slab_start, channels_per_group, spatial, coefficients)
-        elif out is None and channels_per_group >= ROWS_MIN_CHANNELS and spatial <= APPLY_CHUNK:
-            # In place only: writing rows of a separate output measured slower than channels.
-            normalize_rows(x, out, slab_start, spatial, first_channel, channels_per_group, mean_hi,
-                           mean_lo, rstd, weight, bias, coefficients)  # fmt: skip
+        elif streamed:
+            if run_length == 0:
+                run_first = slab
+            into = run_length * slab_length
+            normalize_into(x[slab_start : slab_start + slab_length], out,
+                           scratch[into : into + slab_length], spatial, first_channel,
+                           channels_per_group, mean_hi, mean_lo, rstd, weight, bias, coefficients,
+                           table, lanes)  # fmt: skip
+            run_length += 1
+            if run_length == run_slabs:
+                stream_scratch(scratch, run_length * slab_length, out, run_first * slab_length)
+                run_length = 0
         else:
-            for k in range(channels_per_group - 1, -1, -1):
-                channel = first_channel + k
-                center, scale, shift = fold_channel(
-                    mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
-                )
-                apply_run(x, out, slab_start + k * spatial, slab_start + (k + 1) * spatial, center,
-                          scale, shift)  # fmt: skip
+            normalize_channels(x, out, slab_start, spatial, first_channel, channels_per_group,
+                               mean_hi, mean_lo, rstd, weight, bias, coefficients, table,
+                               lanes)  # fmt: skip
+    stream_scratch(scratch, run_length * slab_length, out, run_first * slab_length)
     fence_streams(x, out)
+
+
+@numba.njit(inline="always")
+def normalize_channels(x, out, slab_start, spatial, first_channel, num_channels, mean_hi, mean_lo,
+                       rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
+    """Normalize a slab's ``num_channels`` channels of ``spatial`` values from flat
+    ``slab_start``, each with its own weight and bias: by windows (``lanes`` and ``table`` from
+    ``fitting_windows``), as values, by ``simd.apply_channels``, as rows, or a channel at a time;
+    ``coefficients`` is ``(3, num_channels)`` scratch of x's dtype, the rest as in
+    ``normalize_slabs``."""
+    if lanes:
+        normalize_windows(x, out, slab_start, num_channels, spatial, mean_hi, mean_lo, rstd,
+                          weight, bias, first_channel, table, lanes)  # fmt: skip
+    elif spatial == 1:
+        normalize_values(x, out, slab_start, first_channel, num_channels, mean_hi, mean_lo, rstd,
+                         weight, bias)  # fmt: skip
+    elif channel_lanes(x) <= spatial <= SHORT_CHANNEL:
+        fold_group(coefficients, 0, first_channel, num_channels, mean_hi, mean_lo, rstd, weight,
+                   bias)  # fmt: skip
+        apply_channels(x, out, slab_start, num_channels, spatial, coefficients)
+    elif out is None and num_channels >= ROWS_MIN_CHANNELS and spatial <= APPLY_CHUNK:
+        # In place only: writing rows of a separate output measured slower than channels.
+        normalize_rows(x, out, slab_start, spatial, first_channel, num_channels, mean_hi, mean_lo,
+                       rstd, weight, bias, coefficients)  # fmt: skip
+    else:
+        for k in range(num_channels - 1, -1, -1):
+            channel = first_channel + k
+            center, scale, shift = fold_channel(
+                mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
+            )
+            apply_run(x, out, slab_start + k * spatial, slab_start + (k + 1) * spatial, center,
+                      scale, shift)  # fmt: skip
+
+
+#: Out of place past the L3, slabs of channels of at most ``SHORT_CHANNEL`` values and at most
+#: this many bytes are normalized into scratch and streamed from there to ``out``
+#: (``normalize_into``, ``stream_scratch``): a quarter of a 1 MiB L2, beside the slab itself.
+STREAM_SLAB_BYTES = 256 << 10
+
+#: Consecutive slabs normalized into scratch before it is streamed to ``out``: a run of this many
+#: bytes (at least one slab), so that a run's copy and its unaligned ends cost little per slab.
+STREAM_RUN_BYTES = 64 << 10
+
+
+def slab_streams(x, out, spatial, slab_length):
+    """Whether ``normalize_slabs`` normalizes slabs of channels of ``spatial`` values into scratch
+    streamed to ``out``: where ``simd.streams(x, out)``, the channels are too short for
+    ``simd.apply_run`` to stream, and the slab fits ``STREAM_SLAB_BYTES``. Never in place."""
+
+
+@overload(slab_streams, inline="always")
+def _slab_streams(x, out, spatial, slab_length):
+    if isinstance(out, types.NoneType):
+        return lambda x, out, spatial, slab_length: False
+    return lambda x, out, spatial, slab_length: (
+        spatial <= SHORT_CHANNEL
+        and slab_length * x.itemsize <= STREAM_SLAB_BYTES
+        and streams(x, out)
+    )
+
+
+def normalize_into(slab, out, scratch, spatial, first_channel, num_channels, mean_hi, mean_lo,
+                   rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
+    """``normalize_channels`` of ``slab`` (a view of x) into ``scratch`` (as long), where
+    ``slab_streams``: stores of short channels, which neither line up with 64-byte lines nor
+    cover whole ones, go to an L1- or L2-resident scratch, streamed on by ``stream_scratch``.
+    In place (``out=None``, where nothing streams) it compiles to nothing."""
+
+
+@overload(normalize_into)
+def _normalize_into(slab, out, scratch, spatial, first_channel, num_channels, mean_hi, mean_lo,
+                    rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
+    if isinstance(out, types.NoneType):
+
+        def in_place(slab, out, scratch, spatial, first_channel, num_channels, mean_hi, mean_lo,
+                     rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
+            return None  # never called: nothing streams in place
+
+        return in_place
+
+    def normalize(slab, out, scratch, spatial, first_channel, num_channels, mean_hi, mean_lo,
+                  rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
+        normalize_channels(slab, scratch, 0, spatial, first_channel, num_channels, mean_hi,
+                           mean_lo, rstd, weight, bias, coefficients, table, lanes)  # fmt: skip
+
+    return normalize
+
+
+def stream_scratch(scratch, count, out, start):
+    """``out[start : start + count] = scratch[:count]`` through ``simd.copy_streamed`` (nothing
+    for ``count`` 0); in place it compiles to nothing."""
+
+
+@overload(stream_scratch, inline="always")
+def _stream_scratch(scratch, count, out, start):
+    if isinstance(out, types.NoneType):
+        return lambda scratch, count, out, start: None
+
+    def stream(scratch, count, out, start):
+        if count > 0:
+            copy_streamed(scratch[:count], out, start)
+
+    return stream
 
 
 @cached_njit()

@@ -1277,6 +1277,40 @@ def _apply_streamed_vectors(typingctx, x, out, start, count, center, scale, shif
     return signature, codegen
 
 
+@intrinsic
+def _copy_streamed_vectors(typingctx, source, out, source_start, start, count):
+    # Flat C-contiguous arrays of one dtype only: the loop indexes their data pointers.
+    if not (
+        _float_input_and_output(source, out)
+        and isinstance(out, types.Array)
+        and all(a.ndim == 1 and a.layout == "C" for a in (source, out))
+    ):
+        return None
+    signature = types.void(source, out, types.intp, types.intp, types.intp)
+
+    def codegen(context, builder, sig, args):
+        source_array = context.make_array(sig.args[0])(context, builder, args[0])
+        out_array = context.make_array(sig.args[1])(context, builder, args[1])
+        first_source, first, num_vectors = args[2], args[3], args[4]
+        _, itemsize, lanes, _, vector_pointer, intp = _host_vectors(context, sig.args[0].dtype)
+
+        def copy_vector(vector, carried):
+            offset = builder.mul(vector, ir.Constant(intp, lanes))
+            value = builder.load(
+                _vector_at(builder, source_array, builder.add(first_source, offset),
+                           vector_pointer),
+                align=itemsize,
+            )  # fmt: skip
+            _store_past_caches(builder, value, out_array, builder.add(first, offset),
+                               vector_pointer, lanes * itemsize)  # fmt: skip
+            return carried
+
+        _counted_loop(builder, "copied", num_vectors, [], copy_vector, intp)
+        return context.get_dummy_value()
+
+    return signature, codegen
+
+
 def _store_past_caches(builder, vector, array, index, vector_pointer, align):
     """Store ``vector`` at ``array[index]`` (an LLVM index, ``align``-byte aligned) with a
     non-temporal hint: ``movntps``/``movntpd`` on x86."""
@@ -1438,6 +1472,29 @@ def _streamed_rows_skew(x, out, start, width):
         return (line - (out.ctypes.data // out.itemsize + start) % line) % line
 
     return skew
+
+
+@numba.njit(inline="always")
+def copy_streamed(source, out, start):
+    """``out[start : start + source.size] = source``, the 64-byte lines of ``out`` that the run
+    covers whole stored past the caches (as ``apply_streamed``), its ends as usual: a slab
+    normalized into an L1-resident scratch, streamed to an output past the L3.
+
+    ``source`` and ``out`` are distinct arrays of one dtype; ``out`` is aligned to its items.
+    Another thread may read ``out`` only after this one's ``fence_streams``.
+    """
+    count = source.size
+    if start < 0 or start + count > out.size or out.ctypes.data % out.itemsize != 0:
+        raise ValueError("copy_streamed: run out of bounds, or out not aligned to its items")
+    line = 64 // out.itemsize
+    misaligned = (out.ctypes.data // out.itemsize + start) % line
+    head = min(count, (line - misaligned) % line)
+    body = (count - head) // line * line
+    for i in range(head):
+        out[start + i] = source[i]
+    _copy_streamed_vectors(source, out, head, start + head, body // channel_lanes(out))
+    for i in range(head + body, count):
+        out[start + i] = source[i]
 
 
 def apply_run(x, out, start, stop, center, scale, shift):
