@@ -434,6 +434,52 @@ def test_outputs_past_the_l3_stream(rng, samples, channels, spatial, groups, wei
         np.testing.assert_array_equal(out, x)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("channels", "spatial", "groups", "dtype", "uniform_group"),
+    [
+        (32, 49, 2, np.float32, None),  # windows of channels (16 float32 channels a window)
+        (16, 196, 1, np.float32, None),  # channels of a few vectors (simd.apply_channels)
+        (1024, 1, 2, np.float64, None),  # one value a channel, in slabs of 512
+        (60, 7, 1, np.float64, None),  # channels shorter than a vector, a loop each
+        (64, 49, 4, np.float32, 1),  # a group of one weight and bias between streamed slabs
+    ],
+    ids=["windows", "short channels", "values", "tiny channels", "a uniform group between"],
+)
+def test_short_channels_past_the_l3_stream(rng, channels, spatial, groups, dtype, uniform_group):
+    """NCHW out of place past ``simd._host_stream_bytes()``, slabs of short channels: normalized
+    into scratch and streamed from there (``nchw.normalize_into``, ``stream_scratch``) into an
+    output one value off a 64-byte line. The reference's values, nothing written around the
+    output, and the very bits of the in-place result (the same plan: slabs of their own)."""
+    limit = simd._host_stream_bytes()
+    if limit is None:
+        pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
+    itemsize = np.dtype(dtype).itemsize
+    samples = -(-limit // (2 * itemsize * channels * spatial))
+    x = make_input((samples, channels, spatial), "NCHW", dtype, rng, scale=2.0, offset=5.0)
+    weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
+    if uniform_group is not None:  # that group's slabs stream as one segment (simd.apply_run)
+        per_group = channels // groups
+        weight[uniform_group * per_group : (uniform_group + 1) * per_group] = 1.5
+        bias[uniform_group * per_group : (uniform_group + 1) * per_group] = -0.5
+    assert _slab_streams(
+        x.ravel(), np.empty_like(x).ravel(), spatial, x[0, : channels // groups].size
+    )
+    buffer = np.full(x.size + 64, np.nan, dtype)
+    first = past_line(buffer, 1)
+    out = buffer[first : first + x.size].reshape(x.shape)
+    assert nbgn.group_norm(x, groups, weight, bias, out=out) is out
+    assert np.isnan(buffer[:first]).all()
+    assert np.isnan(buffer[first + x.size :]).all()
+    expected = reference_group_norm(x, groups, weight, bias)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(dtype))
+    nbgn.group_norm(x, groups, weight, bias, out=x)
+    np.testing.assert_array_equal(out, x)
+
+
+_slab_streams = numba.njit(
+    lambda x, out, spatial, slab_length: nchw.slab_streams(x, out, spatial, slab_length)
+)
 _streamed_rows_skew = numba.njit(
     lambda x, out, start, width: simd.streamed_rows_skew(x, out, start, width)
 )

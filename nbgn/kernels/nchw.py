@@ -23,7 +23,9 @@ normalizes it while it is still in L2, so it moves ``2b`` to and from memory whe
 and up to ``3b`` when it does not (reversed normalization keeps what the caches hold useful).
 Out of place, a separate output adds ``b`` read before it is written, save where input and output
 together outgrow the L3 (``simd.streams``): there the long runs stream past the caches
-(``simd.apply_run``), and each thread ends with ``simd.fence_streams``.
+(``simd.apply_run``), slabs of short channels are normalized into a scratch run of slabs and
+streamed from there (``normalize_into``, ``stream_scratch``), and each thread ends with
+``simd.fence_streams``.
 """
 
 import numba

@@ -23,7 +23,8 @@ channels are written by ``apply_streamed``: non-temporal stores of whole 64-byte
 neither read the output's lines before writing them nor evict the input for them, the same DRAM
 traffic as ``x *= a`` (``apply_run`` chooses; ``fence_streams`` orders them before a thread reports
 its part done). ``apply_streamed_rows`` does the same for the NHWC rows of lanes, each started on
-a line of the output (``streamed_rows_skew``), its coefficients loaded a vector at a time.
+a line of the output (``streamed_rows_skew``), its coefficients loaded a vector at a time;
+``copy_streamed`` for NCHW slabs of short channels, normalized into scratch first.
 
 Shorter channels whose group is whole windows of a vector's (or half a vector's) worth of
 channels take ``apply_channel_windows``: the window's scales and shifts in two registers, permuted
