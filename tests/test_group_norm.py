@@ -462,9 +462,11 @@ def test_short_channels_past_the_l3_stream(rng, channels, spatial, groups, dtype
         per_group = channels // groups
         weight[uniform_group * per_group : (uniform_group + 1) * per_group] = 1.5
         bias[uniform_group * per_group : (uniform_group + 1) * per_group] = -0.5
-    assert _slab_streams(
-        x.ravel(), np.empty_like(x).ravel(), spatial, x[0, : channels // groups].size
-    )
+    slab_length = channels // groups * spatial
+    assert _slab_streams(x.ravel(), np.empty_like(x).ravel(), spatial, slab_length)
+    # normalize_slabs' own slabs, not the weight patterns' nor the short slabs' kernels
+    assert not _schedule.channel_patterns(samples, channels // groups, spatial, itemsize)
+    assert slab_length > nchw.SHORT_SLAB
     buffer = np.full(x.size + 64, np.nan, dtype)
     first = past_line(buffer, 1)
     out = buffer[first : first + x.size].reshape(x.shape)

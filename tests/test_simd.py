@@ -682,6 +682,9 @@ def test_streamed_stores_are_non_temporal():
         x = np.ones(256, dtype)
         run(x, np.empty_like(x), 0, x.size, dtype(0.5), dtype(2.0), dtype(1.0))
         assert streamed.search(run.inspect_asm(run.signatures[-1])), dtype
+        copy = numba.njit(_copy_streamed.py_func)
+        copy(x, np.empty_like(x), 0)
+        assert streamed.search(copy.inspect_asm(copy.signatures[-1])), dtype
     x = np.linspace(-1.0, 1.0, 2 * 16 * 64).astype(np.float32)
     weight, bias = np.ones(16, np.float32), np.zeros(16, np.float32)
     zero = np.float32(0)

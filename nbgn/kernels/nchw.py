@@ -24,13 +24,12 @@ and up to ``3b`` when it does not (reversed normalization keeps what the caches 
 Out of place, a separate output adds ``b`` read before it is written, save where input and output
 together outgrow the L3 (``simd.streams``): there the long runs stream past the caches
 (``simd.apply_run``), slabs of short channels are normalized into a scratch run of slabs and
-streamed from there (``normalize_into``, ``stream_scratch``), and each thread ends with
+streamed from there (``channels_target``, ``stream_scratch``), and each thread ends with
 ``simd.fence_streams``.
 """
 
 import numba
 import numpy as np
-from numba import types
 from numba.extending import overload, register_jitable
 
 from . import _compile
@@ -66,6 +65,7 @@ from .simd import (
     channel_lanes,
     copy_streamed,
     fence_streams,
+    never_streams,
     streams,
     window_table,
     window_widths,
@@ -332,8 +332,8 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
     # The whole vector's windows only: half a vector's lost to the weight patterns on long slabs.
     lanes, table = fitting_windows(window_widths(x)[0], 0, channels_per_group, spatial)
     # Out of place past the L3, slabs of short channels (which apply_run does not stream) are
-    # normalized into a scratch run of slabs in L1 or L2, streamed from there to out when full
-    # (see slab_streams): runs of consecutive slabs, contiguous in out.
+    # normalized into a scratch run of consecutive slabs in L1 or L2, streamed from there to out
+    # when full (slab_streams, channels_target, stream_scratch).
     streamed = slab_streams(x, out, spatial, slab_length)
     run_slabs = max(1, STREAM_RUN_BYTES // (slab_length * x.itemsize)) if streamed else 0
     scratch = np.empty(run_slabs * slab_length, x.dtype)
@@ -348,22 +348,20 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
             run_length = 0
             normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
                               rstd, weight, bias)  # fmt: skip
-        elif streamed:
-            if run_length == 0:
-                run_first = slab
-            into = run_length * slab_length
-            normalize_into(x[slab_start : slab_start + slab_length], out,
-                           scratch[into : into + slab_length], spatial, first_channel,
-                           channels_per_group, mean_hi, mean_lo, rstd, weight, bias, coefficients,
-                           table, lanes)  # fmt: skip
+            continue
+        if streamed and run_length == 0:
+            run_first = slab
+        into = run_length * slab_length
+        source, target, start = channels_target(x, out, scratch[into : into + slab_length],
+                                                slab_start, slab_length, streamed)  # fmt: skip
+        normalize_channels(source, target, start, spatial, first_channel, channels_per_group,
+                           mean_hi, mean_lo, rstd, weight, bias, coefficients, table,
+                           lanes)  # fmt: skip
+        if streamed:
             run_length += 1
             if run_length == run_slabs:
                 stream_scratch(scratch, run_length * slab_length, out, run_first * slab_length)
                 run_length = 0
-        else:
-            normalize_channels(x, out, slab_start, spatial, first_channel, channels_per_group,
-                               mean_hi, mean_lo, rstd, weight, bias, coefficients, table,
-                               lanes)  # fmt: skip
     stream_scratch(scratch, run_length * slab_length, out, run_first * slab_length)
     fence_streams(x, out)
 
@@ -402,7 +400,8 @@ def normalize_channels(x, out, slab_start, spatial, first_channel, num_channels,
 
 #: Out of place past the L3, slabs of channels of at most ``SHORT_CHANNEL`` values and at most
 #: this many bytes are normalized into scratch and streamed from there to ``out``
-#: (``normalize_into``, ``stream_scratch``): a quarter of a 1 MiB L2, beside the slab itself.
+#: (``channels_target``, ``stream_scratch``): a quarter of a 1 MiB L2, so that the slab and a
+#: run of scratch stay there together.
 STREAM_SLAB_BYTES = 256 << 10
 
 #: Consecutive slabs normalized into scratch before it is streamed to ``out``: a run of this many
@@ -418,7 +417,7 @@ def slab_streams(x, out, spatial, slab_length):
 
 @overload(slab_streams, inline="always")
 def _slab_streams(x, out, spatial, slab_length):
-    if isinstance(out, types.NoneType):
+    if never_streams(out):
         return lambda x, out, spatial, slab_length: False
     return lambda x, out, spatial, slab_length: (
         spatial <= SHORT_CHANNEL
@@ -427,31 +426,26 @@ def _slab_streams(x, out, spatial, slab_length):
     )
 
 
-def normalize_into(slab, out, scratch, spatial, first_channel, num_channels, mean_hi, mean_lo,
-                   rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
-    """``normalize_channels`` of ``slab`` (a view of x) into ``scratch`` (as long), where
-    ``slab_streams``: stores of short channels, which neither line up with 64-byte lines nor
-    cover whole ones, go to an L1- or L2-resident scratch, streamed on by ``stream_scratch``.
-    In place (``out=None``, where nothing streams) it compiles to nothing."""
+def channels_target(x, out, scratch, slab_start, slab_length, streamed):
+    """``(source, target, start)`` for ``normalize_channels`` of the slab at flat
+    ``slab_start``: ``(x, out, slab_start)``, or where ``streamed`` (``slab_streams``), the
+    slab's view of x, ``scratch`` (as long) and 0. Stores of short channels, which neither line
+    up with 64-byte lines nor cover whole ones, then go to scratch in L1 or L2, streamed on to
+    ``out`` by ``stream_scratch``. One call site of ``normalize_channels`` for both: inlined twice,
+    it took seconds more to compile. Where nothing streams, ``(x, out, slab_start)``."""
 
 
-@overload(normalize_into)
-def _normalize_into(slab, out, scratch, spatial, first_channel, num_channels, mean_hi, mean_lo,
-                    rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
-    if isinstance(out, types.NoneType):
+@overload(channels_target, inline="always")
+def _channels_target(x, out, scratch, slab_start, slab_length, streamed):
+    if never_streams(out):
+        return lambda x, out, scratch, slab_start, slab_length, streamed: (x, out, slab_start)
 
-        def in_place(slab, out, scratch, spatial, first_channel, num_channels, mean_hi, mean_lo,
-                     rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
-            return None  # never called: nothing streams in place
+    def target(x, out, scratch, slab_start, slab_length, streamed):
+        if streamed:
+            return x[slab_start : slab_start + slab_length], scratch, np.intp(0)
+        return x, out, slab_start
 
-        return in_place
-
-    def normalize(slab, out, scratch, spatial, first_channel, num_channels, mean_hi, mean_lo,
-                  rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
-        normalize_channels(slab, scratch, 0, spatial, first_channel, num_channels, mean_hi,
-                           mean_lo, rstd, weight, bias, coefficients, table, lanes)  # fmt: skip
-
-    return normalize
+    return target
 
 
 def stream_scratch(scratch, count, out, start):
@@ -459,9 +453,9 @@ def stream_scratch(scratch, count, out, start):
     for ``count`` 0); in place it compiles to nothing."""
 
 
-@overload(stream_scratch, inline="always")
+@overload(stream_scratch)  # not inlined: three call sites, one compiled copy
 def _stream_scratch(scratch, count, out, start):
-    if isinstance(out, types.NoneType):
+    if never_streams(out):
         return lambda scratch, count, out, start: None
 
     def stream(scratch, count, out, start):

@@ -175,7 +175,7 @@ def streams(x, out):
     """
 
 
-def _never_streams(out) -> bool:
+def never_streams(out) -> bool:
     """Whether no call with an ``out`` of this Numba type streams: in place, or on a host where
     nothing does (``_host_stream_bytes``). The overloads below then compile none of it."""
     return isinstance(out, types.NoneType) or _host_stream_bytes() is None
@@ -183,7 +183,7 @@ def _never_streams(out) -> bool:
 
 @overload(streams, inline="always")
 def _streams(x, out):
-    if _never_streams(out):
+    if never_streams(out):
         return lambda x, out: False
     limit = _host_stream_bytes()
     return lambda x, out: (
@@ -1387,6 +1387,18 @@ def _store_fence(typingctx):
 
 
 @numba.njit(inline="always")
+def whole_lines(out, start, stop):
+    """``(body_start, body_stop)``: the part of ``out[start:stop]`` (aligned to its items) that
+    covers whole 64-byte lines, which stream; the ends go through the caches. Whole lines only
+    (one vector or more each): a line half streamed and half written through the cache would be
+    read for the other half."""
+    line = 64 // out.itemsize
+    misaligned = (out.ctypes.data // out.itemsize + start) % line
+    body_start = min(stop, start + (line - misaligned) % line)
+    return body_start, body_start + (stop - body_start) // line * line
+
+
+@numba.njit(inline="always")
 def apply_streamed(x, out, start, stop, center, scale, shift):
     """``out[i] = (x[i] - center) * scale + shift`` for i in ``[start, stop)``, as
     ``moments.apply_reversed`` (chunks from the end), but the 64-byte lines of ``out`` that the
@@ -1399,12 +1411,7 @@ def apply_streamed(x, out, start, stop, center, scale, shift):
     lanes = channel_lanes(x)
     if start < 0 or stop > x.size or out.size != x.size or out.ctypes.data % out.itemsize != 0:
         raise ValueError("apply_streamed: run out of bounds, or out not aligned to its items")
-    # Whole 64-byte lines streamed (one vector or more each): a line half streamed and half
-    # written through the cache would be read for the other half.
-    line = 64 // x.itemsize
-    misaligned = (out.ctypes.data // out.itemsize + start) % line
-    body_start = min(stop, start + (line - misaligned) % line)
-    body_stop = body_start + (stop - body_start) // line * line
+    body_start, body_stop = whole_lines(out, start, stop)
     apply_contiguous(x, out, body_stop, stop, center, scale, shift)
     chunk_stop = body_stop
     while chunk_stop > body_start:  # APPLY_CHUNK is whole lines: every chunk starts on one
@@ -1429,7 +1436,7 @@ def apply_streamed_rows(x, out, start, rows, width, center, scale, shift):
 
 @overload(apply_streamed_rows, inline="always")
 def _apply_streamed_rows_checked(x, out, start, rows, width, center, scale, shift):
-    if _never_streams(out):
+    if never_streams(out):
 
         def refuse(x, out, start, rows, width, center, scale, shift):
             raise ValueError("apply_streamed_rows: nothing streams in place or on this host")
@@ -1463,7 +1470,7 @@ def streamed_rows_skew(x, out, start, width):
 
 @overload(streamed_rows_skew, inline="always")
 def _streamed_rows_skew(x, out, start, width):
-    if _never_streams(out):
+    if never_streams(out):
         return lambda x, out, start, width: -1
 
     def skew(x, out, start, width):
@@ -1478,8 +1485,8 @@ def _streamed_rows_skew(x, out, start, width):
 @numba.njit(inline="always")
 def copy_streamed(source, out, start):
     """``out[start : start + source.size] = source``, the 64-byte lines of ``out`` that the run
-    covers whole stored past the caches (as ``apply_streamed``), its ends as usual: a slab
-    normalized into an L1-resident scratch, streamed to an output past the L3.
+    covers whole stored past the caches (as ``apply_streamed``), its ends as usual: slabs
+    normalized into scratch in L1 or L2, streamed to an output past the L3.
 
     ``source`` and ``out`` are distinct arrays of one dtype; ``out`` is aligned to its items.
     Another thread may read ``out`` only after this one's ``fence_streams``.
@@ -1487,15 +1494,13 @@ def copy_streamed(source, out, start):
     count = source.size
     if start < 0 or start + count > out.size or out.ctypes.data % out.itemsize != 0:
         raise ValueError("copy_streamed: run out of bounds, or out not aligned to its items")
-    line = 64 // out.itemsize
-    misaligned = (out.ctypes.data // out.itemsize + start) % line
-    head = min(count, (line - misaligned) % line)
-    body = (count - head) // line * line
-    for i in range(head):
-        out[start + i] = source[i]
-    _copy_streamed_vectors(source, out, head, start + head, body // channel_lanes(out))
-    for i in range(head + body, count):
-        out[start + i] = source[i]
+    body_start, body_stop = whole_lines(out, start, start + count)
+    for i in range(start, body_start):
+        out[i] = source[i - start]
+    _copy_streamed_vectors(source, out, body_start - start, body_start,
+                           (body_stop - body_start) // channel_lanes(out))  # fmt: skip
+    for i in range(body_stop, start + count):
+        out[i] = source[i - start]
 
 
 def apply_run(x, out, start, stop, center, scale, shift):
@@ -1505,7 +1510,7 @@ def apply_run(x, out, start, stop, center, scale, shift):
 
 @overload(apply_run)
 def _apply_run(x, out, start, stop, center, scale, shift):
-    if _never_streams(out):
+    if never_streams(out):
         return lambda x, out, start, stop, center, scale, shift: apply_reversed(
             x, out, start, stop, center, scale, shift
         )
@@ -1527,7 +1532,7 @@ def fence_streams(x, out):
 
 @overload(fence_streams, inline="always")
 def _fence_streams(x, out):
-    if _never_streams(out):
+    if never_streams(out):
         return lambda x, out: None
 
     def fence(x, out):
