@@ -389,6 +389,19 @@ def test_group_rows_at_any_buffer_alignment(rng, monkeypatch, dtype, channels, g
     _assert_normalizes_at_offsets(rng, (2, 3, 7, channels), groups, dtype, skips, centers)
 
 
+def _normalized_off_a_line(x, groups, weight, bias, **kwargs):
+    """``group_norm`` of ``x`` into an output one value past a 64-byte line of a NaN-filled
+    buffer (``kwargs``: eps, layout); asserts that the call returns that output and writes nothing
+    around it, and returns it."""
+    buffer = np.full(x.size + 64, np.nan, x.dtype)
+    first = past_line(buffer, 1)
+    out = buffer[first : first + x.size].reshape(x.shape)
+    assert nbgn.group_norm(x, groups, weight, bias, out=out, **kwargs) is out
+    assert np.isnan(buffer[:first]).all()
+    assert np.isnan(buffer[first + x.size :]).all()
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("samples", "channels", "spatial", "groups", "weights"),
@@ -419,14 +432,8 @@ def test_outputs_past_the_l3_stream(rng, samples, channels, spatial, groups, wei
         "uniform": (np.full(channels, 1.5), np.full(channels, -0.5)),
         None: (None, None),
     }[weights]
-    buffer = np.full(x.size + 32, np.nan, np.float32)
-    first = past_line(buffer, 1)
-    out = buffer[first : first + x.size].reshape(x.shape)
-    result = nbgn.group_norm(x, groups, weight, bias, out=out)
-    assert result is out
+    out = _normalized_off_a_line(x, groups, weight, bias)
     assert 2 * x.nbytes >= limit
-    assert np.isnan(buffer[:first]).all()
-    assert np.isnan(buffer[first + x.size :]).all()
     expected = reference_group_norm(x, groups, weight, bias)
     np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(np.float32))
     if samples * groups > 1:  # fused in place too (one slab in place: the cooperative kernel)
@@ -448,7 +455,7 @@ def test_outputs_past_the_l3_stream(rng, samples, channels, spatial, groups, wei
 )
 def test_short_channels_past_the_l3_stream(rng, channels, spatial, groups, dtype, uniform_group):
     """NCHW out of place past ``simd._host_stream_bytes()``, slabs of short channels: normalized
-    into scratch and streamed from there (``nchw.normalize_into``, ``stream_scratch``) into an
+    into scratch and streamed from there (``nchw.channels_target``, ``stream_scratch``) into an
     output one value off a 64-byte line. The reference's values, nothing written around the
     output, and the very bits of the in-place result (the same plan: slabs of their own)."""
     limit = simd._host_stream_bytes()
@@ -467,12 +474,7 @@ def test_short_channels_past_the_l3_stream(rng, channels, spatial, groups, dtype
     # normalize_slabs' own slabs, not the weight patterns' nor the short slabs' kernels
     assert not _schedule.channel_patterns(samples, channels // groups, spatial, itemsize)
     assert slab_length > nchw.SHORT_SLAB
-    buffer = np.full(x.size + 64, np.nan, dtype)
-    first = past_line(buffer, 1)
-    out = buffer[first : first + x.size].reshape(x.shape)
-    assert nbgn.group_norm(x, groups, weight, bias, out=out) is out
-    assert np.isnan(buffer[:first]).all()
-    assert np.isnan(buffer[first + x.size :]).all()
+    out = _normalized_off_a_line(x, groups, weight, bias)
     expected = reference_group_norm(x, groups, weight, bias)
     np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(dtype))
     nbgn.group_norm(x, groups, weight, bias, out=x)
@@ -525,16 +527,10 @@ def test_channels_last_outputs_past_the_l3_stream(rng, samples, channels, positi
         positions = -(-values // (samples * channels))
     x = make_input((samples, channels, positions), "NHWC", dtype, rng, scale=2.0, offset=5.0)
     weight, bias = rng.standard_normal(channels), rng.standard_normal(channels)
-    buffer = np.full(x.size + 64, np.nan, dtype)
-    first = past_line(buffer, 1)
-    out = buffer[first : first + x.size].reshape(x.shape)
+    out = _normalized_off_a_line(x, groups, weight, bias, eps=eps, layout="NHWC")
     lane_width = nhwc.lane_positions(channels, positions) * channels
     assert _streamed_rows_skew(x.ravel(), out.ravel(), 0, lane_width) >= 0  # these rows stream
-    result = nbgn.group_norm(x, groups, weight, bias, eps=eps, out=out, layout="NHWC")
-    assert result is out
     assert 2 * x.nbytes >= limit
-    assert np.isnan(buffer[:first]).all()
-    assert np.isnan(buffer[first + x.size :]).all()
     expected = reference_group_norm(x, groups, weight, bias, eps, "NHWC")
     np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(dtype))
     if samples > 1:

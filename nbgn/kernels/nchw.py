@@ -337,32 +337,30 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
     streamed = slab_streams(x, out, spatial, slab_length)
     run_slabs = max(1, STREAM_RUN_BYTES // (slab_length * x.itemsize)) if streamed else 0
     scratch = np.empty(run_slabs * slab_length, x.dtype)
-    run_first = first_slab
-    run_length = 0  # slabs normalized into scratch, not yet streamed to out
+    # Values normalized into scratch, not yet streamed to out: those of the slabs just before
+    # the current one (a uniform slab streams what is pending first).
+    pending = 0
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
         mean_hi, mean_lo, rstd = slab_moments(x, slab_start, slab_length, stats, sum_type, eps)
         first_channel = (slab % num_groups) * channels_per_group
         if uniform_affine(weight, bias, first_channel, channels_per_group):
-            stream_scratch(scratch, run_length * slab_length, out, run_first * slab_length)
-            run_length = 0
+            stream_scratch(scratch, pending, out, slab_start - pending)
+            pending = 0
             normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
                               rstd, weight, bias)  # fmt: skip
             continue
-        if streamed and run_length == 0:
-            run_first = slab
-        into = run_length * slab_length
-        source, target, start = channels_target(x, out, scratch[into : into + slab_length],
+        source, target, start = channels_target(x, out, scratch[pending : pending + slab_length],
                                                 slab_start, slab_length, streamed)  # fmt: skip
         normalize_channels(source, target, start, spatial, first_channel, channels_per_group,
                            mean_hi, mean_lo, rstd, weight, bias, coefficients, table,
                            lanes)  # fmt: skip
         if streamed:
-            run_length += 1
-            if run_length == run_slabs:
-                stream_scratch(scratch, run_length * slab_length, out, run_first * slab_length)
-                run_length = 0
-    stream_scratch(scratch, run_length * slab_length, out, run_first * slab_length)
+            pending += slab_length
+            if pending == scratch.size:
+                stream_scratch(scratch, pending, out, slab_start + slab_length - pending)
+                pending = 0
+    stream_scratch(scratch, pending, out, stop_slab * slab_length - pending)
     fence_streams(x, out)
 
 

@@ -646,10 +646,10 @@ def apply_positions(x, out, sample_start, first_position, stop_position, channel
     # time, in reverse, ran a 16 MiB float64 part at 0.7 of this speed).
     chunk_rows = max(1, APPLY_CHUNK // width)
     if streamed or in_registers or group_rows:
-        # Rows of one position whose groups are whole vectors: each group's center broadcast
-        # (simd.apply_group_rows). The groups' centers go after the lane coefficients, in the
-        # room lane_space_for leaves for them (and for the moments' group pivots, unused until
-        # the next sample).
+        # Group rows (rows of one position whose groups are whole vectors) broadcast each group's
+        # center (simd.apply_group_rows). The groups' centers go after the lane coefficients, in
+        # the room lane_space_for leaves for them (and for the moments' group pivots, unused
+        # until the next sample).
         centers = lane_space[3 * width : 3 * width + num_groups]
         if group_rows:
             for g in range(num_groups):

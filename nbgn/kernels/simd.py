@@ -167,8 +167,8 @@ def streams(x, out):
 
     Below that, an output written through the caches fits beside ``x`` and is still there for the
     next call or layer. Out of place, two threads, (N, 128, 4096)/16 float32 with ordinary
-    stores against streaming (a probe of these loops, into a warm output): 10 MiB each way, 0.31 against 0.43 ms; 12 MiB, 0.94 against 0.59;
-    16 MiB, 1.01 against 0.72.
+    stores against streaming (a probe of these loops, into a warm output): 10 MiB each way, 0.31
+    against 0.43 ms; 12 MiB, 0.94 against 0.59; 16 MiB, 1.01 against 0.72.
 
     The limit is a constant of the compiled code, as ``l1_data_bytes`` is: a cache of compiled
     kernels moved to a host of the same CPU but another L3 keeps the limit it was built with.
@@ -1262,17 +1262,13 @@ def _apply_streamed_vectors(typingctx, x, out, start, count, center, scale, shif
         center, scale, shift = (_splat(builder, value, vector_type, ir.IntType(32))
                                 for value in args[4:7])  # fmt: skip
 
-        def store_vector(vector, carried):
-            index = builder.add(first, builder.mul(vector, ir.Constant(intp, lanes)))
-            value = builder.load(_vector_at(builder, x_array, index, vector_pointer),
-                                 align=itemsize)  # fmt: skip
+        def normalized(value, offset):
             # No ``contract``: one rounding per operation, as the Numba loops of the callers
             # (compiled without it) compute the rest of the run.
-            result = builder.fadd(builder.fmul(builder.fsub(value, center), scale), shift)
-            _store_past_caches(builder, result, out_array, index, vector_pointer, lanes * itemsize)
-            return carried
+            return builder.fadd(builder.fmul(builder.fsub(value, center), scale), shift)
 
-        _counted_loop(builder, "streamed", num_vectors, [], store_vector, intp)
+        _stream_vectors(builder, "streamed", x_array, out_array, first, first, num_vectors,
+                        normalized, (itemsize, lanes, vector_pointer, intp))  # fmt: skip
         return context.get_dummy_value()
 
     return signature, codegen
@@ -1294,29 +1290,35 @@ def _copy_streamed_vectors(typingctx, source, out, source_start, start, count):
         out_array = context.make_array(sig.args[1])(context, builder, args[1])
         first_source, first, num_vectors = args[2], args[3], args[4]
         _, itemsize, lanes, _, vector_pointer, intp = _host_vectors(context, sig.args[0].dtype)
-
-        def copy_vector(vector, carried):
-            offset = builder.mul(vector, ir.Constant(intp, lanes))
-            value = builder.load(
-                _vector_at(builder, source_array, builder.add(first_source, offset),
-                           vector_pointer),
-                align=itemsize,
-            )  # fmt: skip
-            _store_past_caches(builder, value, out_array, builder.add(first, offset),
-                               vector_pointer, lanes * itemsize)  # fmt: skip
-            return carried
-
-        _counted_loop(builder, "copied", num_vectors, [], copy_vector, intp)
+        _stream_vectors(builder, "copied", source_array, out_array, first_source, first,
+                        num_vectors, lambda value, offset: value,
+                        (itemsize, lanes, vector_pointer, intp))  # fmt: skip
         return context.get_dummy_value()
 
     return signature, codegen
 
 
-def _store_past_caches(builder, vector, array, index, vector_pointer, align):
-    """Store ``vector`` at ``array[index]`` (an LLVM index, ``align``-byte aligned) with a
-    non-temporal hint: ``movntps``/``movntpd`` on x86."""
-    store = builder.store(vector, _vector_at(builder, array, index, vector_pointer), align=align)
-    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)]))
+def _stream_vectors(builder, name, source, out, first_source, first, count, result_of, vectors):
+    """A loop over ``count`` vectors: each loaded from ``source`` at ``first_source + offset``,
+    turned into ``result_of(value, offset)`` (``offset``: values from the first vector, an LLVM
+    value), stored at ``first + offset`` of ``out`` with a non-temporal hint (``movntps`` /
+    ``movntpd`` on x86; ``out`` aligned to the vectors there). ``vectors`` is ``(itemsize,
+    lanes, vector_pointer, intp)`` of ``_host_vectors``."""
+    itemsize, lanes, vector_pointer, intp = vectors
+    nontemporal = builder.module.add_metadata([ir.Constant(ir.IntType(32), 1)])
+
+    def stream_vector(vector, carried):
+        offset = builder.mul(vector, ir.Constant(intp, lanes))
+        value = builder.load(
+            _vector_at(builder, source, builder.add(first_source, offset), vector_pointer),
+            align=itemsize,
+        )
+        target = _vector_at(builder, out, builder.add(first, offset), vector_pointer)
+        store = builder.store(result_of(value, offset), target, align=lanes * itemsize)
+        store.set_metadata("nontemporal", nontemporal)
+        return carried
+
+    _counted_loop(builder, name, count, [], stream_vector, intp)
 
 
 @intrinsic
@@ -1345,27 +1347,21 @@ def _apply_streamed_rows(typingctx, x, out, start, rows, row_vectors, center, sc
         _, itemsize, lanes, _, vector_pointer, intp = _host_vectors(context, sig.args[0].dtype)
         row_length = builder.mul(num_vectors, ir.Constant(intp, lanes))
 
+        def normalized(value, lane):
+            center, scale, shift = (
+                builder.load(_vector_at(builder, array, lane, vector_pointer), align=itemsize)
+                for array in lane_arrays
+            )
+            # ``contract``: one fma, as apply_positions' loops (fastmath={"contract"}) compute
+            # the rows around these.
+            scaled = builder.fmul(builder.fsub(value, center), scale, flags=("contract",))
+            return builder.fadd(scaled, shift, flags=("contract",))
+
         def store_row(row, carried):
             row_start = builder.add(first, builder.mul(row, row_length))
-
-            def store_vector(vector, carried):
-                lane = builder.mul(vector, ir.Constant(intp, lanes))
-                index = builder.add(row_start, lane)
-                value = builder.load(_vector_at(builder, x_array, index, vector_pointer),
-                                     align=itemsize)  # fmt: skip
-                center, scale, shift = (
-                    builder.load(_vector_at(builder, array, lane, vector_pointer), align=itemsize)
-                    for array in lane_arrays
-                )
-                # ``contract``: one fma, as apply_positions' loops (fastmath={"contract"}) compute
-                # the rows around these.
-                scaled = builder.fmul(builder.fsub(value, center), scale, flags=("contract",))
-                result = builder.fadd(scaled, shift, flags=("contract",))
-                _store_past_caches(builder, result, out_array, index, vector_pointer,
-                                   lanes * itemsize)  # fmt: skip
-                return carried
-
-            _counted_loop(builder, "streamed.vectors", num_vectors, [], store_vector, intp)
+            _stream_vectors(builder, "streamed.vectors", x_array, out_array, row_start,
+                            row_start, num_vectors, normalized,
+                            (itemsize, lanes, vector_pointer, intp))  # fmt: skip
             return carried
 
         _counted_loop(builder, "streamed.rows", num_rows, [], store_row, intp)
@@ -1474,10 +1470,9 @@ def _streamed_rows_skew(x, out, start, width):
         return lambda x, out, start, width: -1
 
     def skew(x, out, start, width):
-        line = 64 // x.itemsize
-        if not streams(x, out) or width % line != 0:
+        if not streams(x, out) or width % (64 // x.itemsize) != 0:
             return -1
-        return (line - (out.ctypes.data // out.itemsize + start) % line) % line
+        return whole_lines(out, start, out.size)[0] - start
 
     return skew
 
