@@ -25,8 +25,7 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
 - Out of place, where input and output together fill three quarters of the L3 or more
   (``simd.streams``, decided inside the kernels from the arrays' sizes), NCHW channels of more
   than ``nchw.SHORT_CHANNEL`` values, slabs whose channels share one weight and bias, the parts
-  of split slabs, NCHW slabs of shorter channels (through scratch: ``nchw.channels_target``;
-  not the weight patterns above nor the short slabs below), and NHWC samples and parts (not
+  of split slabs, and NHWC samples and parts (not
   samples of at most ``nhwc.SMALL_SAMPLE`` values, nor ranges of a few positions, whose rows
   are not whole 64-byte lines) are written with non-temporal stores: ``2 * itemsize`` bytes per
   element to and from memory, where ordinary stores read the output's lines first

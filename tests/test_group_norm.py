@@ -449,15 +449,16 @@ def test_outputs_past_the_l3_stream(rng, samples, channels, spatial, groups, wei
         (16, 196, 1, np.float32, None),  # channels of a few vectors (simd.apply_channels)
         (1024, 1, 2, np.float64, None),  # one value a channel, in slabs of 512
         (60, 7, 1, np.float64, None),  # channels shorter than a vector, a loop each
-        (64, 49, 4, np.float32, 1),  # a group of one weight and bias between streamed slabs
+        (64, 49, 4, np.float32, 1),  # a group of one weight and bias (streamed) between
     ],
     ids=["windows", "short channels", "values", "tiny channels", "a uniform group between"],
 )
-def test_short_channels_past_the_l3_stream(rng, channels, spatial, groups, dtype, uniform_group):
-    """NCHW out of place past ``simd._host_stream_bytes()``, slabs of short channels: normalized
-    into scratch and streamed from there (``nchw.channels_target``, ``stream_scratch``) into an
-    output one value off a 64-byte line. The reference's values, nothing written around the
-    output, and the very bits of the in-place result (the same plan: slabs of their own)."""
+def test_short_channels_past_the_l3(rng, channels, spatial, groups, dtype, uniform_group):
+    """NCHW out of place past ``simd._host_stream_bytes()``, slabs of short channels: written
+    through the caches first channel first (in place: last first), beside a uniform group's
+    streamed slabs, into an output one value off a 64-byte line. The reference's values, nothing
+    written around the output, and the very bits of the in-place result (the same plan: slabs
+    of their own)."""
     limit = simd._host_stream_bytes()
     if limit is None:
         pytest.skip("this host describes no L3, or is not x86-64: nothing streams")
@@ -470,7 +471,7 @@ def test_short_channels_past_the_l3_stream(rng, channels, spatial, groups, dtype
         weight[uniform_group * per_group : (uniform_group + 1) * per_group] = 1.5
         bias[uniform_group * per_group : (uniform_group + 1) * per_group] = -0.5
     slab_length = channels // groups * spatial
-    assert _slab_streams(x.ravel(), np.empty_like(x).ravel(), spatial, slab_length)
+    assert _streams(x.ravel(), np.empty_like(x).ravel())
     # normalize_slabs' own slabs, not the weight patterns' nor the short slabs' kernels
     assert not _schedule.channel_patterns(samples, channels // groups, spatial, itemsize)
     assert slab_length > nchw.SHORT_SLAB
@@ -481,9 +482,7 @@ def test_short_channels_past_the_l3_stream(rng, channels, spatial, groups, dtype
     np.testing.assert_array_equal(out, x)
 
 
-_slab_streams = numba.njit(
-    lambda x, out, spatial, slab_length: nchw.slab_streams(x, out, spatial, slab_length)
-)
+_streams = numba.njit(lambda x, out: simd.streams(x, out))
 _streamed_rows_skew = numba.njit(
     lambda x, out, start, width: simd.streamed_rows_skew(x, out, start, width)
 )

@@ -505,38 +505,6 @@ def test_apply_streamed_matches_apply_reversed(dtype):
                 np.testing.assert_array_equal(out, expected)
 
 
-_copy_streamed = numba.njit(lambda source, out, start: simd.copy_streamed(source, out, start))
-
-
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_copy_streamed_copies_exactly(dtype):
-    """Runs of no values to several lines, at every offset from out's lines: out holds the very
-    values (NaN, -0.0 and infinities too), nothing around the run written."""
-    lanes = 64 // np.dtype(dtype).itemsize
-    rng = np.random.default_rng(13)
-    for length in (0, 1, lanes - 1, lanes, 5 * lanes + 3, 40 * lanes + 7):
-        source = rng.standard_normal(length).astype(dtype)
-        source[: min(length, 4)] = [np.nan, -0.0, np.inf, -np.inf][: min(length, 4)]
-        for skip in range(lanes):
-            out = _aligned_view(length + 8, dtype, skip)
-            _copy_streamed(source, out, 3)
-            expected = np.full_like(out, np.nan)
-            expected[3 : 3 + length] = source
-            np.testing.assert_array_equal(out.view(f"u{out.itemsize}"),
-                                          expected.view(f"u{out.itemsize}"))  # fmt: skip
-
-
-def test_copy_streamed_refuses_bad_runs_before_writing():
-    source = np.ones(16, np.float32)
-    out = np.zeros(32, np.float32)
-    raw = np.zeros(out.nbytes + 4, np.uint8)
-    unaligned = raw[1 : 1 + out.nbytes].view(np.float32)
-    for target, start in ((out, -1), (out, 17), (unaligned, 0)):
-        with pytest.raises(ValueError, match="copy_streamed"):
-            _copy_streamed(source, target, start)
-        assert not target.any()
-
-
 def test_apply_streamed_refuses_bad_runs_before_writing():
     x = np.ones(64, np.float32)
     out = np.zeros_like(x)
@@ -682,9 +650,6 @@ def test_streamed_stores_are_non_temporal():
         x = np.ones(256, dtype)
         run(x, np.empty_like(x), 0, x.size, dtype(0.5), dtype(2.0), dtype(1.0))
         assert streamed.search(run.inspect_asm(run.signatures[-1])), dtype
-        copy = numba.njit(_copy_streamed.py_func)
-        copy(x, np.empty_like(x), 0)
-        assert streamed.search(copy.inspect_asm(copy.signatures[-1])), dtype
     x = np.linspace(-1.0, 1.0, 2 * 16 * 64).astype(np.float32)
     weight, bias = np.ones(16, np.float32), np.zeros(16, np.float32)
     zero = np.float32(0)

@@ -23,14 +23,15 @@ normalizes it while it is still in L2, so it moves ``2b`` to and from memory whe
 and up to ``3b`` when it does not (reversed normalization keeps what the caches hold useful).
 Out of place, a separate output adds ``b`` read before it is written, save where input and output
 together outgrow the L3 (``simd.streams``): there the long runs stream past the caches
-(``simd.apply_run``), slabs of short channels are normalized into a scratch run of slabs and
-streamed from there (``channels_target``, ``stream_scratch``), and each thread ends with
-``simd.fence_streams``.
+(``simd.apply_run``), and each thread ends with ``simd.fence_streams``. Shorter channels, which
+neither start on nor cover whole 64-byte lines, are written through the caches, first channel
+first (see ``simd``'s notes): streaming them through a scratch run of slabs measured slower once
+the loops counted no references (``refcounts``).
 """
 
 import numba
 import numpy as np
-from numba.extending import overload, register_jitable
+from numba.extending import register_jitable
 
 from . import _compile
 from ._compile import (
@@ -58,15 +59,13 @@ from .moments import (
     rounded_mean,
     shifted_sums,
 )
+from .refcounts import borrowed, keep_alive
 from .simd import (
     apply_channel_windows,
     apply_channels,
     apply_run,
     channel_lanes,
-    copy_streamed,
     fence_streams,
-    never_streams,
-    streams,
     window_table,
     window_widths,
 )
@@ -262,11 +261,14 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
     slab_length = channels_per_group * spatial
     # Per slab of a batch: its sums (s1, s2), then its (mean_hi, mean_lo, rstd). One allocation:
     # a tiny call's three took a seventh of its kernel time.
-    scratch = np.empty((min(SHORT_BATCH, stop_slab - first_slab), 3))
+    scratch_memory = np.empty((min(SHORT_BATCH, stop_slab - first_slab), 3))
     # Half-vector windows too (8 float32 channels with AVX-512): a short slab's channels of a few
     # values cost their loop setup each, where long slabs have the weight patterns instead.
     wide, narrow = window_widths(x)
-    lanes, table = fitting_windows(wide, narrow, channels_per_group, spatial)
+    lanes, table_memory = fitting_windows(wide, narrow, channels_per_group, spatial)
+    # No reference counts in the loops: see refcounts.
+    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    scratch, table = borrowed(scratch_memory), borrowed(table_memory)
     for batch_start in range(first_slab, stop_slab, SHORT_BATCH):
         batch = min(SHORT_BATCH, stop_slab - batch_start)
         for i in range(batch):
@@ -314,6 +316,7 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
                 )
                 apply_contiguous(x, out, slab_start + k * spatial, slab_start + (k + 1) * spatial,
                                  center, scale, shift)  # fmt: skip
+    keep_alive((scratch_memory, table_memory))
 
 
 @cached_njit()
@@ -327,41 +330,27 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
         normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups,
                               weight, bias, eps)  # fmt: skip
         return
-    stats = np.empty((1, 3))
-    coefficients = np.empty((3, channels_per_group), x.dtype)
+    stats_memory = np.empty((1, 3))
+    coefficients_memory = np.empty((3, channels_per_group), x.dtype)
     # The whole vector's windows only: half a vector's lost to the weight patterns on long slabs.
-    lanes, table = fitting_windows(window_widths(x)[0], 0, channels_per_group, spatial)
-    # Out of place past the L3, slabs of short channels (which apply_run does not stream) are
-    # normalized into a scratch run of consecutive slabs in L1 or L2, streamed from there to out
-    # when full (slab_streams, channels_target, stream_scratch).
-    streamed = slab_streams(x, out, spatial, slab_length)
-    run_slabs = max(1, STREAM_RUN_BYTES // (slab_length * x.itemsize)) if streamed else 0
-    scratch = np.empty(run_slabs * slab_length, x.dtype)
-    # Values normalized into scratch, not yet streamed to out: those of the slabs just before
-    # the current one (a uniform slab streams what is pending first).
-    pending = 0
+    lanes, table_memory = fitting_windows(window_widths(x)[0], 0, channels_per_group, spatial)
+    # No reference counts in the loop: see refcounts.
+    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    stats, coefficients = borrowed(stats_memory), borrowed(coefficients_memory)
+    table = borrowed(table_memory)
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
         mean_hi, mean_lo, rstd = slab_moments(x, slab_start, slab_length, stats, sum_type, eps)
         first_channel = (slab % num_groups) * channels_per_group
         if uniform_affine(weight, bias, first_channel, channels_per_group):
-            stream_scratch(scratch, pending, out, slab_start - pending)
-            pending = 0
             normalize_segment(x, out, slab_start, slab_length, first_channel, mean_hi, mean_lo,
                               rstd, weight, bias)  # fmt: skip
-            continue
-        source, target, start = channels_target(x, out, scratch[pending : pending + slab_length],
-                                                slab_start, slab_length, streamed)  # fmt: skip
-        normalize_channels(source, target, start, spatial, first_channel, channels_per_group,
-                           mean_hi, mean_lo, rstd, weight, bias, coefficients, table,
-                           lanes)  # fmt: skip
-        if streamed:
-            pending += slab_length
-            if pending == scratch.size:
-                stream_scratch(scratch, pending, out, slab_start + slab_length - pending)
-                pending = 0
-    stream_scratch(scratch, pending, out, stop_slab * slab_length - pending)
+        else:
+            normalize_channels(x, out, slab_start, spatial, first_channel, channels_per_group,
+                               mean_hi, mean_lo, rstd, weight, bias, coefficients, table,
+                               lanes)  # fmt: skip
     fence_streams(x, out)
+    keep_alive((stats_memory, coefficients_memory, table_memory))
 
 
 @numba.njit(inline="always")
@@ -387,80 +376,15 @@ def normalize_channels(x, out, slab_start, spatial, first_channel, num_channels,
         normalize_rows(x, out, slab_start, spatial, first_channel, num_channels, mean_hi, mean_lo,
                        rstd, weight, bias, coefficients)  # fmt: skip
     else:
-        for k in range(num_channels - 1, -1, -1):
+        for step in range(num_channels):
+            # In place the last channel first, out of place the first (see simd's notes).
+            k = num_channels - 1 - step if out is None else step
             channel = first_channel + k
             center, scale, shift = fold_channel(
                 mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
             )
             apply_run(x, out, slab_start + k * spatial, slab_start + (k + 1) * spatial, center,
                       scale, shift)  # fmt: skip
-
-
-#: Out of place past the L3, slabs of channels of at most ``SHORT_CHANNEL`` values and at most
-#: this many bytes are normalized into scratch and streamed from there to ``out``
-#: (``channels_target``, ``stream_scratch``): a quarter of a 1 MiB L2, so that the slab and a
-#: run of scratch stay there together.
-STREAM_SLAB_BYTES = 256 << 10
-
-#: Consecutive slabs normalized into scratch before it is streamed to ``out``: a run of this many
-#: bytes (at least one slab), so that a run's copy and its unaligned ends cost little per slab.
-STREAM_RUN_BYTES = 64 << 10
-
-
-def slab_streams(x, out, spatial, slab_length):
-    """Whether ``normalize_slabs`` normalizes slabs of channels of ``spatial`` values into scratch
-    streamed to ``out``: where ``simd.streams(x, out)``, the channels are too short for
-    ``simd.apply_run`` to stream, and the slab fits ``STREAM_SLAB_BYTES``. Never in place."""
-
-
-@overload(slab_streams, inline="always")
-def _slab_streams(x, out, spatial, slab_length):
-    if never_streams(out):
-        return lambda x, out, spatial, slab_length: False
-    return lambda x, out, spatial, slab_length: (
-        spatial <= SHORT_CHANNEL
-        and slab_length * x.itemsize <= STREAM_SLAB_BYTES
-        and streams(x, out)
-    )
-
-
-def channels_target(x, out, scratch, slab_start, slab_length, streamed):
-    """``(source, target, start)`` for ``normalize_channels`` of the slab at flat
-    ``slab_start``: ``(x, out, slab_start)``, or where ``streamed`` (``slab_streams``), the
-    slab's view of x, ``scratch`` (as long) and 0. Stores of short channels, which neither line
-    up with 64-byte lines nor cover whole ones, then go to scratch in L1 or L2, streamed on to
-    ``out`` by ``stream_scratch``. One call site of ``normalize_channels`` for both: inlined twice,
-    it took seconds more to compile. Where nothing streams, ``(x, out, slab_start)``."""
-
-
-@overload(channels_target, inline="always")
-def _channels_target(x, out, scratch, slab_start, slab_length, streamed):
-    if never_streams(out):
-        return lambda x, out, scratch, slab_start, slab_length, streamed: (x, out, slab_start)
-
-    def target(x, out, scratch, slab_start, slab_length, streamed):
-        if streamed:
-            return x[slab_start : slab_start + slab_length], scratch, np.intp(0)
-        return x, out, slab_start
-
-    return target
-
-
-def stream_scratch(scratch, count, out, start):
-    """``out[start : start + count] = scratch[:count]`` through ``simd.copy_streamed`` (nothing
-    for ``count`` 0); in place it compiles to nothing."""
-
-
-@overload(stream_scratch)  # not inlined: three call sites, one compiled copy
-def _stream_scratch(scratch, count, out, start):
-    if never_streams(out):
-        return lambda scratch, count, out, start: None
-
-    def stream(scratch, count, out, start):
-        if count > 0:
-            copy_streamed(scratch[:count], out, start)
-
-    return stream
 
 
 @cached_njit()
@@ -477,9 +401,12 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
     """
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
-    stats = np.empty((1, 3))
-    scales = aligned_full(slab_length, cast_like(0.0, x))
-    shifts = aligned_full(slab_length, cast_like(0.0, x))
+    stats_memory = np.empty((1, 3))
+    scales_memory = aligned_full(slab_length, cast_like(0.0, x))
+    shifts_memory = aligned_full(slab_length, cast_like(0.0, x))
+    # No reference counts in the loop: see refcounts.
+    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    stats, scales, shifts = borrowed(stats_memory), borrowed(scales_memory), borrowed(shifts_memory)
     scale_rows = scales.reshape((channels_per_group, spatial))
     shift_rows = shifts.reshape((channels_per_group, spatial))
     pattern_group = -1
@@ -513,6 +440,7 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
                                rstd, other_hi, other_lo, other_rstd, scales, shifts)  # fmt: skip
         item += 2
     fence_streams(x, out)  # after the slabs of one weight and bias (normalize_segment)
+    keep_alive((stats_memory, scales_memory, shifts_memory))
 
 
 def _group_norm_fused(normalize_slabs_at, x, out, num_samples, channels, spatial, num_groups,
@@ -565,6 +493,7 @@ def part_moments(x, slab_length, num_parts, item, ref, partial, sum_type):
     ``partial[item]``."""
     slab_start = (item // num_parts) * slab_length
     start, stop = part_bounds(slab_length, num_parts, item % num_parts)
+    x, partial = borrowed(x), borrowed(partial)  # no reference counts: see refcounts
     partial[item] = 0.0
     contiguous_moments(x, slab_start + start, slab_start + stop, ref, partial, item, sum_type)
 
@@ -615,7 +544,9 @@ def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, 
     slab = item // num_parts
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
-    coefficients = np.empty((3, channels_per_group), x.dtype)
+    coefficients_memory = np.empty((3, channels_per_group), x.dtype)
+    coefficients = borrowed(coefficients_memory)  # no reference counts: see refcounts
+    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
     merged_group_coefficients(partial, refs, num_parts, slab, num_groups, channels_per_group,
                               weight, bias, eps, np.empty((1, 3)), coefficients, 0)  # fmt: skip
     slab_start = slab * slab_length
@@ -628,6 +559,7 @@ def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, 
                   coefficients[0, row], coefficients[1, row], coefficients[2, row])  # fmt: skip
         segment_stop = segment_start
     fence_streams(x, out)
+    keep_alive((coefficients_memory,))
 
 
 def _group_norm_split(part_moments_at, apply_part_at, x, out, num_samples, channels, spatial,
@@ -670,6 +602,10 @@ def normalize_slabs_together(x, out, num_slabs, channels, spatial, num_groups, w
     part (``part_moments``), a wait for the other parts' moments, then the normalization of its
     part with the slab's merged moments (``apply_part``)."""
     slab_length = (channels // num_groups) * spatial
+    # No reference counts in the loop: see refcounts.
+    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    progress, partial = borrowed(progress), borrowed(partial)
+    refs, started = borrowed(refs), borrowed(started)
     atomic_add(started, thread, 1)
     for slab in range(num_slabs):
         slots = slab * (1 + 2 * num_threads)  # moments done, then a claim per part and phase
