@@ -63,6 +63,7 @@ from .moments import (
     pivot_stands,
     written,
 )
+from .refcounts import borrowed, keep_alive
 from .simd import (
     MAX_GROUP_VECTORS,
     SPILL_ROWS,
@@ -739,12 +740,16 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
     full_rows = spatial // row_positions
     quads = full_rows // 4
     tail = sample_length - full_rows * width
-    lanes = np.empty((3, width))  # per lane: its group's first value, s1, s2
-    coefficients = np.empty((3, width), x.dtype)  # per lane: center, scale, shift
+    lanes_memory = np.empty((3, width))  # per lane: its group's first value, s1, s2
+    coefficients_memory = np.empty((3, width), x.dtype)  # per lane: center, scale, shift
+    # Each lane's offset from its group's first value (lane j holds channel j % C).
+    group_first_memory = np.empty(width, np.int64)
+    # No reference counts in the loops: see refcounts.
+    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    lanes, coefficients = borrowed(lanes_memory), borrowed(coefficients_memory)
+    group_first = borrowed(group_first_memory)
     pivot, s1, s2 = lanes[0], lanes[1], lanes[2]
     center, scale, shift = coefficients[0], coefficients[1], coefficients[2]
-    # Each lane's offset from its group's first value (lane j holds channel j % C).
-    group_first = np.empty(width, np.int64)
     for lane in range(width):
         channel = lane % channels
         group_first[lane] = channel - channel % channels_per_group
@@ -835,6 +840,7 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
             target = destination(source, out, row_start, row_stop)
             for j in range(row_stop - row_start):
                 target[j] = (source[j] - center[j]) * scale[j] + shift[j]
+    keep_alive((lanes_memory, coefficients_memory, group_first_memory))
 
 
 @cached_njit()
@@ -844,10 +850,15 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
     then its normalization while it is still in cache. Arguments as for ``_group_norm_fused``."""
     channels_per_group = channels // num_groups
     sample_length = spatial * channels
-    lane_space, wide = lane_scratch(spatial, channels, num_groups, sum_type)
-    apply_lanes = lanes_of_dtype(x, lane_space, spatial, channels, num_groups)
-    stats = np.empty((num_groups, 3))
-    coefficients = np.empty((3, channels), x.dtype)
+    lane_memory, wide_memory = lane_scratch(spatial, channels, num_groups, sum_type)
+    apply_memory = lanes_of_dtype(x, lane_memory, spatial, channels, num_groups)
+    stats_memory = np.empty((num_groups, 3))
+    coefficients_memory = np.empty((3, channels), x.dtype)
+    # No reference counts in the loop: see refcounts.
+    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    lane_space, wide = borrowed(lane_memory), borrowed(wide_memory)
+    apply_lanes = borrowed(apply_memory)
+    stats, coefficients = borrowed(stats_memory), borrowed(coefficients_memory)
     for n in range(first_sample, stop_sample):
         sample_start = n * sample_length
         stats[:] = 0.0
@@ -867,6 +878,7 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
         apply_positions(x, out, sample_start, np.intp(0), spatial, channels, num_groups,
                         coefficients, apply_space)  # fmt: skip
     fence_streams(x, out)
+    keep_alive((lane_memory, wide_memory, apply_memory, stats_memory, coefficients_memory))
 
 
 def _group_norm_fused(normalize_samples_at, x, out, num_samples, spatial, channels, num_groups,
@@ -933,9 +945,13 @@ def part_moments(x, spatial, channels, num_groups, num_parts, item, partial, sum
     """Moments of position range ``item % num_parts`` of sample ``item // num_parts``, group by
     group, into rows ``(n * num_groups + g) * num_parts + item % num_parts`` of ``partial``."""
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
-    lane_space, wide = lane_scratch(stop - start, channels, num_groups, sum_type)
-    store_part_moments(x, spatial, channels, num_groups, num_parts, item, partial,
-                       np.empty((num_groups, 3)), lane_space, wide)  # fmt: skip
+    lane_memory, wide_memory = lane_scratch(stop - start, channels, num_groups, sum_type)
+    stats_memory = np.empty((num_groups, 3))
+    # No reference counts in the loops: see refcounts.
+    store_part_moments(borrowed(x), spatial, channels, num_groups, num_parts, item,
+                       borrowed(partial), borrowed(stats_memory), borrowed(lane_memory),
+                       borrowed(wide_memory))  # fmt: skip
+    keep_alive((lane_memory, wide_memory, stats_memory))
 
 
 @cached_njit()
@@ -999,11 +1015,16 @@ def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, 
     """Normalize position range ``item % num_parts`` of sample ``item // num_parts``, with the
     sample's moments merged from ``partial``."""
     start, stop = part_bounds(spatial, num_parts, item % num_parts)
-    lane_space = apply_scratch(x, stop - start, channels, num_groups)
-    apply_part_with(x, out, partial, refs, spatial, channels, num_groups, num_parts, item, weight,
-                    bias, eps, np.empty((3, channels), x.dtype), np.empty((1, 3)),
-                    lane_space)  # fmt: skip
+    lane_memory = apply_scratch(x, stop - start, channels, num_groups)
+    coefficients_memory = np.empty((3, channels), x.dtype)
+    merge_memory = np.empty((1, 3))
+    # No reference counts in the loops: see refcounts.
+    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    apply_part_with(x, out, borrowed(partial), borrowed(refs), spatial, channels, num_groups,
+                    num_parts, item, weight, bias, eps, borrowed(coefficients_memory),
+                    borrowed(merge_memory), borrowed(lane_memory))  # fmt: skip
     fence_streams(x, out)
+    keep_alive((lane_memory, coefficients_memory, merge_memory))
 
 
 def _group_norm_split(part_moments_at, apply_part_at, x, out, num_samples, spatial, channels,
@@ -1046,11 +1067,18 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
     the normalization of its part with the sample's merged moments (``apply_part_with``). The
     scratch of both is allocated once."""
     positions = spatial // num_threads + 16  # part_bounds' parts, rounded down to 16 positions
-    lane_space, wide = lane_scratch(positions, channels, num_groups, sum_type)
-    apply_space = apply_scratch(x, positions, channels, num_groups)
-    stats = np.empty((num_groups, 3))
-    merge_space = np.empty((1, 3))
-    coefficients = np.empty((3, channels), x.dtype)
+    lane_memory, wide_memory = lane_scratch(positions, channels, num_groups, sum_type)
+    apply_memory = apply_scratch(x, positions, channels, num_groups)
+    stats_memory = np.empty((num_groups, 3))
+    merge_memory = np.empty((1, 3))
+    coefficients_memory = np.empty((3, channels), x.dtype)
+    # No reference counts in the loop: see refcounts.
+    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    progress, partial = borrowed(progress), borrowed(partial)
+    refs, started = borrowed(refs), borrowed(started)
+    lane_space, wide = borrowed(lane_memory), borrowed(wide_memory)
+    apply_space, stats = borrowed(apply_memory), borrowed(stats_memory)
+    merge_space, coefficients = borrowed(merge_memory), borrowed(coefficients_memory)
     atomic_add(started, thread, 1)
     for n in range(num_samples):
         slots = n * (1 + 2 * num_threads)  # moments done, then a claim per part and phase
@@ -1070,6 +1098,8 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
                                 n * num_threads + part, weight, bias, eps, coefficients,
                                 merge_space, apply_space)  # fmt: skip
     fence_streams(x, out)
+    keep_alive((lane_memory, wide_memory, apply_memory, stats_memory, merge_memory,
+                coefficients_memory))  # fmt: skip
 
 
 def _group_norm_cooperative(together_at, x, out, num_samples, spatial, channels, num_groups,
