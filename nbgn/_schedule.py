@@ -25,11 +25,10 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
 - Out of place, where input and output together fill three quarters of the L3 or more
   (``simd.streams``, decided inside the kernels from the arrays' sizes), NCHW channels of more
   than ``nchw.SHORT_CHANNEL`` values, slabs whose channels share one weight and bias, the parts
-  of split slabs, and NHWC samples and parts (not
-  samples of at most ``nhwc.SMALL_SAMPLE`` values, nor ranges of a few positions, whose rows
-  are not whole 64-byte lines) are written with non-temporal stores: ``2 * itemsize`` bytes per
-  element to and from memory, where ordinary stores read the output's lines first
-  (``3 * itemsize``).
+  of split slabs, and NHWC samples and parts (not samples of at most ``nhwc.SMALL_SAMPLE``
+  values, nor ranges of a few positions, whose rows are not whole 64-byte lines) are written with
+  non-temporal stores: ``2 * itemsize`` bytes per element to and from memory, where ordinary
+  stores read the output's lines first (``3 * itemsize``).
 - NCHW slabs of at most ``nchw.SHORT_SLAB`` values (spatial dimensions of a few values, or none)
   are normalized in batches (``nchw.normalize_short_slabs``): a short slab costs the latency of its
   divisions and square root, which a batch overlaps.

@@ -449,7 +449,7 @@ def test_outputs_past_the_l3_stream(rng, samples, channels, spatial, groups, wei
         (16, 196, 1, np.float32, None),  # channels of a few vectors (simd.apply_channels)
         (1024, 1, 2, np.float64, None),  # one value a channel, in slabs of 512
         (60, 7, 1, np.float64, None),  # channels shorter than a vector, a loop each
-        (64, 49, 4, np.float32, 1),  # a group of one weight and bias (streamed) between
+        (64, 49, 4, np.float32, 1),  # a group of one weight and bias (streamed) among them
     ],
     ids=["windows", "short channels", "values", "tiny channels", "a uniform group between"],
 )
@@ -632,6 +632,32 @@ def test_channel_windows_path(rng, shape, groups, dtype):
         assert np.isnan(result[2, per_group : 2 * per_group]).all()
         assert np.isnan(result).sum() == nan_values
         np.testing.assert_allclose(result, expected, atol=tolerance(dtype))
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups", "dtype"),
+    [
+        ((2, 64, 7, 7), 2, np.float32),  # windows of channels
+        ((2, 32, 14, 14), 2, np.float32),  # channels of a few vectors (simd.apply_channels)
+        ((3, 40, 17), 2, np.float64),  # channels of 17 float64 values: apply_channels, a tail
+        ((2, 8, 30, 30), 2, np.float64),  # a loop per channel, slabs below FORWARD_SLAB_BYTES
+        ((2, 4, 200, 200), 1, np.float32),  # 640 KB slabs, above it: last channel first
+    ],
+    ids=["windows", "short channels", "channel tails", "long channels", "large slabs"],
+)
+def test_out_of_place_order_gives_the_in_place_bits(rng, shape, groups, dtype):
+    """Out of place, the NCHW channel loops go first channel first (save in slabs above
+    ``nchw.FORWARD_SLAB_BYTES``), in place last first: the same values either way, bit for bit,
+    into an output one value off a 64-byte line with nothing around it written, and the
+    reference's. Shapes below the streaming limit, with the same plan in place and not."""
+    assert 2 * np.prod(shape) * np.dtype(dtype).itemsize < (simd._host_stream_bytes() or np.inf)
+    x = make_input(shape, "NCHW", dtype, rng, scale=2.0, offset=5.0)
+    weight, bias = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
+    out = _normalized_off_a_line(x, groups, weight, bias)
+    expected = reference_group_norm(x, groups, weight, bias)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(dtype))
+    nbgn.group_norm(x, groups, weight, bias, out=x)
+    np.testing.assert_array_equal(out, x)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

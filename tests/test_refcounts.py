@@ -1,11 +1,15 @@
 """``nbgn/kernels/refcounts.py``: borrowed views are their arrays' memory, without an owner."""
 
+import ast
+from pathlib import Path
+
 import numba
 import numpy as np
 from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from nbgn.kernels import refcounts
 from nbgn.kernels.moments import cast_like, merge_stats
 from nbgn.kernels.refcounts import borrowed, keep_alive
 
@@ -58,3 +62,46 @@ def test_stores_through_a_borrowed_view_reach_the_array():
 
 def test_none_stays_none():
     assert numba.njit(lambda: borrowed(None))() is None
+
+
+def _allocation_after_a_borrowed_use(keep):
+    """A function of ``length``: whether an allocation made after ``memory``'s last borrowed use
+    lands where ``memory`` is, as it does once Numba has released ``memory``; with ``keep``,
+    ``keep_alive`` holds it."""
+
+    def reuses_freed_memory(length):
+        memory = np.empty(length)
+        view = borrowed(memory)
+        view[0] = 1.0
+        other = np.empty(length)
+        same = other.ctypes.data == view.ctypes.data
+        if keep:
+            keep_alive((memory,))
+        return same
+
+    return numba.njit(reuses_freed_memory)
+
+
+def test_keep_alive_holds_an_allocation():
+    kept, released = (_allocation_after_a_borrowed_use(keep) for keep in (True, False))
+    lengths = (8, 1000, 100_000)
+    assert not any(kept(length) for length in lengths)
+    # The control: without keep_alive, Numba releases the memory at its last use, the borrowing.
+    assert all(released(length) for length in lengths)
+
+
+def test_kernels_borrow_one_array_a_statement():
+    """No tuple assignment of ``borrowed`` calls in the kernels: Numba's alias analysis does not
+    follow a value through the tuple, and would let its dead-code elimination drop stores into
+    the view (see ``refcounts``)."""
+    offenders = []
+    for path in sorted(Path(refcounts.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Assign) and any(
+                isinstance(call, ast.Call) and getattr(call.func, "id", None) == "borrowed"
+                for call in ast.walk(node.value)
+            ):
+                simple = len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
+                if not simple or not isinstance(node.value, ast.Call):
+                    offenders.append(f"{path.name}:{node.lineno}")
+    assert not offenders, offenders

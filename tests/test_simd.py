@@ -380,6 +380,44 @@ def test_apply_group_rows_refuse_bad_layouts_before_writing():
     np.testing.assert_array_equal(out, 2.0)
 
 
+_apply_channels = numba.njit(
+    lambda x, out, start, channels, spatial, coefficients: simd.apply_channels(
+        x, out, start, channels, spatial, coefficients
+    )
+)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_apply_channels_match_numpy_in_place_and_not(dtype):
+    """Channel ``k`` of the run takes column ``k`` of the coefficients, ``(x - center) * scale +
+    shift``: channels of one vector to several with a tail, one channel and several, a start off
+    a vector; in place (last channel first) and out of place (first first) the very same bits, and
+    nothing outside the run written."""
+    rng = np.random.default_rng(17)
+    lanes = simd._host_row_limits()[0] // np.dtype(dtype).itemsize
+    for spatial in (lanes, lanes + 1, 3 * lanes - 1, 49):
+        for channels in (1, 2, 5):
+            start, length = 3, channels * spatial
+            x = (rng.standard_normal(start + length + 5) * 2 + 40).astype(dtype)
+            coefficients = np.stack([rng.standard_normal(channels) + 40,
+                                     rng.random(channels) + 0.5,
+                                     rng.standard_normal(channels)]).astype(dtype)  # fmt: skip
+            run = x[start : start + length].astype(np.float64).reshape(channels, spatial)
+            center, scale, shift = (coefficients[i, :, None].astype(np.float64) for i in range(3))
+            expected = (run - center) * scale + shift
+            out = np.full_like(x, np.nan)
+            _apply_channels(x, out, start, channels, spatial, coefficients)
+            got = out[start : start + length].reshape(channels, spatial)
+            np.testing.assert_allclose(got, expected, rtol=1e-5 if dtype == np.float32 else 1e-13)
+            assert np.isnan(np.r_[out[:start], out[start + length :]]).all()
+            in_place = x.copy()
+            _apply_channels(in_place, None, start, channels, spatial, coefficients)
+            np.testing.assert_array_equal(in_place[start : start + length],
+                                          out[start : start + length])  # fmt: skip
+            np.testing.assert_array_equal(in_place[:start], x[:start])
+            np.testing.assert_array_equal(in_place[start + length :], x[start + length :])
+
+
 @numba.njit
 def _apply_channel_windows(x, out, start, channels, spatial, mean_hi, mean_lo, rstd, weight, bias,
                            first, table, lanes):  # fmt: skip

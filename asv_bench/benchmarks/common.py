@@ -8,8 +8,8 @@ CASES = {
     "seed": ((64, 16, 112, 112), 4),
     "resnet": ((16, 64, 56, 56), 32),
     "late_layers": ((16, 2048, 7, 7), 32),
-    # Input and output together past the L3 (51 MB in float32): NHWC outputs streamed past the
-    # caches (simd.streams), NCHW short channels written through them, first channel first.
+    # Input and output together past the L3 (51 MB in float32): NHWC rows stream past the caches
+    # (simd.streams); NCHW channels of 49 values are too short to, and go through the caches.
     "late_layers_batch64": ((64, 2048, 7, 7), 32),
     "big_image": ((1, 32, 512, 512), 8),
     "tiny": ((2, 8, 4, 4), 4),

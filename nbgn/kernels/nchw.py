@@ -267,8 +267,12 @@ def normalize_short_slabs(x, out, first_slab, stop_slab, channels, spatial, num_
     wide, narrow = window_widths(x)
     lanes, table_memory = fitting_windows(wide, narrow, channels_per_group, spatial)
     # No reference counts in the loops: see refcounts.
-    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
-    scratch, table = borrowed(scratch_memory), borrowed(table_memory)
+    x = borrowed(x)
+    out = borrowed(out)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
+    scratch = borrowed(scratch_memory)
+    table = borrowed(table_memory)
     for batch_start in range(first_slab, stop_slab, SHORT_BATCH):
         batch = min(SHORT_BATCH, stop_slab - batch_start)
         for i in range(batch):
@@ -335,8 +339,12 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
     # The whole vector's windows only: half a vector's lost to the weight patterns on long slabs.
     lanes, table_memory = fitting_windows(window_widths(x)[0], 0, channels_per_group, spatial)
     # No reference counts in the loop: see refcounts.
-    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
-    stats, coefficients = borrowed(stats_memory), borrowed(coefficients_memory)
+    x = borrowed(x)
+    out = borrowed(out)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
+    stats = borrowed(stats_memory)
+    coefficients = borrowed(coefficients_memory)
     table = borrowed(table_memory)
     for slab in range(first_slab, stop_slab):
         slab_start = slab * slab_length
@@ -353,11 +361,13 @@ def normalize_slabs(x, out, first_slab, stop_slab, channels, spatial, num_groups
     keep_alive((stats_memory, coefficients_memory, table_memory))
 
 
-#: Out of place, slabs of at most this many bytes normalize their channels in ascending order: the
-#: prefetchers follow the output's reads for ownership (see ``simd``'s notes), and the moments left
-#: the whole slab in L2 (1 MiB here) for either order. Larger slabs go last channel first, to read
-#: their tail again from L2: (1, 32, 512, 512)/8 float32, 4 MiB slabs, two threads, 2.25 ms last
-#: first against 2.49 first first.
+#: Out of place, the loop per channel takes a slab's channels in ascending order in slabs of at
+#: most this many bytes: the prefetchers follow the output's reads for ownership (see ``simd``'s
+#: notes), and the moments left the whole slab in L2 (1 MiB here) for either order. Larger slabs
+#: go last channel first, to read their tail again from L2: (1, 32, 512, 512)/8 float32, 4 MiB
+#: slabs, two threads, allocating, 2.03-2.25 ms last first against 2.13-2.49 first first in three
+#: runs. Channels of at most ``SHORT_CHANNEL`` values (windows, ``simd.apply_channels``) always
+#: go first first out of place: their slabs fit the L2 unless a group has thousands of them.
 FORWARD_SLAB_BYTES = 512 << 10
 
 
@@ -415,8 +425,13 @@ def normalize_slabs_patterned(x, out, first_item, stop_item, num_samples, channe
     scales_memory = aligned_full(slab_length, cast_like(0.0, x))
     shifts_memory = aligned_full(slab_length, cast_like(0.0, x))
     # No reference counts in the loop: see refcounts.
-    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
-    stats, scales, shifts = borrowed(stats_memory), borrowed(scales_memory), borrowed(shifts_memory)
+    x = borrowed(x)
+    out = borrowed(out)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
+    stats = borrowed(stats_memory)
+    scales = borrowed(scales_memory)
+    shifts = borrowed(shifts_memory)
     scale_rows = scales.reshape((channels_per_group, spatial))
     shift_rows = shifts.reshape((channels_per_group, spatial))
     pattern_group = -1
@@ -503,7 +518,9 @@ def part_moments(x, slab_length, num_parts, item, ref, partial, sum_type):
     ``partial[item]``."""
     slab_start = (item // num_parts) * slab_length
     start, stop = part_bounds(slab_length, num_parts, item % num_parts)
-    x, partial = borrowed(x), borrowed(partial)  # no reference counts: see refcounts
+    # No reference counts in the loop: see refcounts.
+    x = borrowed(x)
+    partial = borrowed(partial)
     partial[item] = 0.0
     contiguous_moments(x, slab_start + start, slab_start + stop, ref, partial, item, sum_type)
 
@@ -555,8 +572,14 @@ def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, 
     channels_per_group = channels // num_groups
     slab_length = channels_per_group * spatial
     coefficients_memory = np.empty((3, channels_per_group), x.dtype)
-    coefficients = borrowed(coefficients_memory)  # no reference counts: see refcounts
-    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    # No reference counts in the loop: see refcounts.
+    coefficients = borrowed(coefficients_memory)
+    x = borrowed(x)
+    out = borrowed(out)
+    partial = borrowed(partial)
+    refs = borrowed(refs)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
     merged_group_coefficients(partial, refs, num_parts, slab, num_groups, channels_per_group,
                               weight, bias, eps, np.empty((1, 3)), coefficients, 0)  # fmt: skip
     slab_start = slab * slab_length
@@ -613,9 +636,14 @@ def normalize_slabs_together(x, out, num_slabs, channels, spatial, num_groups, w
     part with the slab's merged moments (``apply_part``)."""
     slab_length = (channels // num_groups) * spatial
     # No reference counts in the loop: see refcounts.
-    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
-    progress, partial = borrowed(progress), borrowed(partial)
-    refs, started = borrowed(refs), borrowed(started)
+    x = borrowed(x)
+    out = borrowed(out)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
+    progress = borrowed(progress)
+    partial = borrowed(partial)
+    refs = borrowed(refs)
+    started = borrowed(started)
     atomic_add(started, thread, 1)
     for slab in range(num_slabs):
         slots = slab * (1 + 2 * num_threads)  # moments done, then a claim per part and phase

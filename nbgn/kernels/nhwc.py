@@ -745,8 +745,12 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
     # Each lane's offset from its group's first value (lane j holds channel j % C).
     group_first_memory = np.empty(width, np.int64)
     # No reference counts in the loops: see refcounts.
-    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
-    lanes, coefficients = borrowed(lanes_memory), borrowed(coefficients_memory)
+    x = borrowed(x)
+    out = borrowed(out)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
+    lanes = borrowed(lanes_memory)
+    coefficients = borrowed(coefficients_memory)
     group_first = borrowed(group_first_memory)
     pivot, s1, s2 = lanes[0], lanes[1], lanes[2]
     center, scale, shift = coefficients[0], coefficients[1], coefficients[2]
@@ -855,10 +859,15 @@ def normalize_samples(x, out, first_sample, stop_sample, spatial, channels, num_
     stats_memory = np.empty((num_groups, 3))
     coefficients_memory = np.empty((3, channels), x.dtype)
     # No reference counts in the loop: see refcounts.
-    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
-    lane_space, wide = borrowed(lane_memory), borrowed(wide_memory)
+    x = borrowed(x)
+    out = borrowed(out)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
+    lane_space = borrowed(lane_memory)
+    wide = borrowed(wide_memory)
     apply_lanes = borrowed(apply_memory)
-    stats, coefficients = borrowed(stats_memory), borrowed(coefficients_memory)
+    stats = borrowed(stats_memory)
+    coefficients = borrowed(coefficients_memory)
     for n in range(first_sample, stop_sample):
         sample_start = n * sample_length
         stats[:] = 0.0
@@ -1019,7 +1028,10 @@ def apply_part(x, out, partial, refs, spatial, channels, num_groups, num_parts, 
     coefficients_memory = np.empty((3, channels), x.dtype)
     merge_memory = np.empty((1, 3))
     # No reference counts in the loops: see refcounts.
-    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
+    x = borrowed(x)
+    out = borrowed(out)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
     apply_part_with(x, out, borrowed(partial), borrowed(refs), spatial, channels, num_groups,
                     num_parts, item, weight, bias, eps, borrowed(coefficients_memory),
                     borrowed(merge_memory), borrowed(lane_memory))  # fmt: skip
@@ -1073,12 +1085,20 @@ def normalize_samples_together(x, out, num_samples, spatial, channels, num_group
     merge_memory = np.empty((1, 3))
     coefficients_memory = np.empty((3, channels), x.dtype)
     # No reference counts in the loop: see refcounts.
-    x, out, weight, bias = borrowed(x), borrowed(out), borrowed(weight), borrowed(bias)
-    progress, partial = borrowed(progress), borrowed(partial)
-    refs, started = borrowed(refs), borrowed(started)
-    lane_space, wide = borrowed(lane_memory), borrowed(wide_memory)
-    apply_space, stats = borrowed(apply_memory), borrowed(stats_memory)
-    merge_space, coefficients = borrowed(merge_memory), borrowed(coefficients_memory)
+    x = borrowed(x)
+    out = borrowed(out)
+    weight = borrowed(weight)
+    bias = borrowed(bias)
+    progress = borrowed(progress)
+    partial = borrowed(partial)
+    refs = borrowed(refs)
+    started = borrowed(started)
+    lane_space = borrowed(lane_memory)
+    wide = borrowed(wide_memory)
+    apply_space = borrowed(apply_memory)
+    stats = borrowed(stats_memory)
+    merge_space = borrowed(merge_memory)
+    coefficients = borrowed(coefficients_memory)
     atomic_add(started, thread, 1)
     for n in range(num_samples):
         slots = n * (1 + 2 * num_threads)  # moments done, then a claim per part and phase

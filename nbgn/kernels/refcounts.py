@@ -6,13 +6,18 @@ its own, where its optimizer cannot pair them up and drop them. On x86 an atomic
 barrier: it waits until every store before it has left the core. Normalizing in place, those
 stores hit lines already in L1 and the wait is short. Out of place, each store waits for its line
 to be read for ownership, or for its non-temporal write to reach memory, and a barrier per slab or
-per channel stalls the loop: one thread, (128, 64, 28, 28)/32 float32 out of place, 3.2 ms with
-the counts against 1.4 ms without (1.1 ms in place).
+per channel stalls the loop: one thread, (128, 64, 28, 28)/32 float32 out of place, 3.1 ms with
+the counts against 1.2 ms without (1.0 ms in place).
 
 So each per-thread kernel first takes ``borrowed`` views of its arrays: the same arrays with no
 meminfo, whose copies, slices and calls count nothing. A borrowed view does not keep its memory
 alive. For the kernel's arguments the caller does; an array the kernel allocates itself stays
-alive through ``keep_alive`` after its last borrowed use.
+alive through ``keep_alive`` after its last borrowed use (never borrow a temporary).
+
+One ``name = borrowed(array)`` a statement: Numba's alias analysis, told below that the result is
+its argument's memory, does not follow values through the tuple of a longer assignment such as
+``x, out, weight, bias = borrowed(x), ...``, and its dead-code elimination would then drop a store
+into the view that nothing reads afterwards (``tests/test_refcounts.py`` checks the sources).
 """
 
 from numba import types

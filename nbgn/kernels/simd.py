@@ -1195,9 +1195,9 @@ def channel_lanes(x):
 @numba.njit(inline="always")
 def apply_channels(x, out, start, num_channels, spatial, coefficients):
     """``out[i] = (x[i] - center) * scale + shift`` for ``num_channels`` runs of ``spatial`` values
-    from flat ``x[start]``, the last run first, with column ``k`` of ``coefficients`` (``(3,
-    rows)``: centers, scales, shifts; x's dtype, C-contiguous) for run ``k`` (``out=None``: in
-    place).
+    from flat ``x[start]``, with column ``k`` of ``coefficients`` (``(3, rows)``: centers, scales,
+    shifts; x's dtype, C-contiguous) for run ``k``; ``out=None``: in place, the last run first,
+    else the first run first (see the module notes).
 
     A run is at least ``channel_lanes(x)`` values long.
     """
@@ -1276,17 +1276,17 @@ def _apply_streamed_vectors(typingctx, x, out, start, count, center, scale, shif
             # (compiled without it) compute the rest of the run.
             return builder.fadd(builder.fmul(builder.fsub(value, center), scale), shift)
 
-        _stream_vectors(builder, "streamed", x_array, out_array, first, first, num_vectors,
+        _stream_vectors(builder, "streamed", x_array, out_array, first, num_vectors,
                         normalized, (itemsize, lanes, vector_pointer, intp))  # fmt: skip
         return context.get_dummy_value()
 
     return signature, codegen
 
 
-def _stream_vectors(builder, name, source, out, first_source, first, count, result_of, vectors):
-    """A loop over ``count`` vectors: each loaded from ``source`` at ``first_source + offset``,
-    turned into ``result_of(value, offset)`` (``offset``: values from the first vector, an LLVM
-    value), stored at ``first + offset`` of ``out`` with a non-temporal hint (``movntps`` /
+def _stream_vectors(builder, name, x, out, first, count, result_of, vectors):
+    """A loop over ``count`` vectors: each loaded from ``x`` at ``first + offset``, turned into
+    ``result_of(value, offset)`` (``offset``: values from the first vector, an LLVM value), stored
+    at ``first + offset`` of ``out`` with a non-temporal hint (``movntps`` /
     ``movntpd`` on x86; ``out`` aligned to the vectors there). ``vectors`` is ``(itemsize,
     lanes, vector_pointer, intp)`` of ``_host_vectors``."""
     itemsize, lanes, vector_pointer, intp = vectors
@@ -1294,11 +1294,9 @@ def _stream_vectors(builder, name, source, out, first_source, first, count, resu
 
     def stream_vector(vector, carried):
         offset = builder.mul(vector, ir.Constant(intp, lanes))
-        value = builder.load(
-            _vector_at(builder, source, builder.add(first_source, offset), vector_pointer),
-            align=itemsize,
-        )
-        target = _vector_at(builder, out, builder.add(first, offset), vector_pointer)
+        index = builder.add(first, offset)
+        value = builder.load(_vector_at(builder, x, index, vector_pointer), align=itemsize)
+        target = _vector_at(builder, out, index, vector_pointer)
         store = builder.store(result_of(value, offset), target, align=lanes * itemsize)
         store.set_metadata("nontemporal", nontemporal)
         return carried
@@ -1345,8 +1343,8 @@ def _apply_streamed_rows(typingctx, x, out, start, rows, row_vectors, center, sc
         def store_row(row, carried):
             row_start = builder.add(first, builder.mul(row, row_length))
             _stream_vectors(builder, "streamed.vectors", x_array, out_array, row_start,
-                            row_start, num_vectors, normalized,
-                            (itemsize, lanes, vector_pointer, intp))  # fmt: skip
+                            num_vectors, normalized, (itemsize, lanes, vector_pointer,
+                                                      intp))  # fmt: skip
             return carried
 
         _counted_loop(builder, "streamed.rows", num_rows, [], store_row, intp)
