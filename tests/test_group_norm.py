@@ -402,6 +402,16 @@ def _normalized_off_a_line(x, groups, weight, bias, **kwargs):
     return out
 
 
+def _out_of_place_then_in_place(x, groups, weight, bias):
+    """NCHW ``x`` normalized into an output off a line (``_normalized_off_a_line``), checked
+    against the reference, then in place: the very bits of the output."""
+    out = _normalized_off_a_line(x, groups, weight, bias)
+    expected = reference_group_norm(x, groups, weight, bias)
+    np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(x.dtype))
+    nbgn.group_norm(x, groups, weight, bias, out=x)
+    np.testing.assert_array_equal(out, x)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("samples", "channels", "spatial", "groups", "weights"),
@@ -475,11 +485,7 @@ def test_short_channels_past_the_l3(rng, channels, spatial, groups, dtype, unifo
     # normalize_slabs' own slabs, not the weight patterns' nor the short slabs' kernels
     assert not _schedule.channel_patterns(samples, channels // groups, spatial, itemsize)
     assert slab_length > nchw.SHORT_SLAB
-    out = _normalized_off_a_line(x, groups, weight, bias)
-    expected = reference_group_norm(x, groups, weight, bias)
-    np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(dtype))
-    nbgn.group_norm(x, groups, weight, bias, out=x)
-    np.testing.assert_array_equal(out, x)
+    _out_of_place_then_in_place(x, groups, weight, bias)
 
 
 _streams = numba.njit(lambda x, out: simd.streams(x, out))
@@ -653,11 +659,7 @@ def test_out_of_place_order_gives_the_in_place_bits(rng, shape, groups, dtype):
     assert 2 * np.prod(shape) * np.dtype(dtype).itemsize < (simd._host_stream_bytes() or np.inf)
     x = make_input(shape, "NCHW", dtype, rng, scale=2.0, offset=5.0)
     weight, bias = rng.standard_normal(shape[1]), rng.standard_normal(shape[1])
-    out = _normalized_off_a_line(x, groups, weight, bias)
-    expected = reference_group_norm(x, groups, weight, bias)
-    np.testing.assert_allclose(out, expected, rtol=0, atol=tolerance(dtype))
-    nbgn.group_norm(x, groups, weight, bias, out=x)
-    np.testing.assert_array_equal(out, x)
+    _out_of_place_then_in_place(x, groups, weight, bias)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

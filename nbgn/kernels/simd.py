@@ -180,7 +180,7 @@ def streams(x, out):
     """
 
 
-def never_streams(out) -> bool:
+def _never_streams(out) -> bool:
     """Whether no call with an ``out`` of this Numba type streams: in place, or on a host where
     nothing does (``_host_stream_bytes``). The overloads below then compile none of it."""
     return isinstance(out, types.NoneType) or _host_stream_bytes() is None
@@ -188,7 +188,7 @@ def never_streams(out) -> bool:
 
 @overload(streams, inline="always")
 def _streams(x, out):
-    if never_streams(out):
+    if _never_streams(out):
         return lambda x, out: False
     limit = _host_stream_bytes()
     return lambda x, out: (
@@ -1415,7 +1415,7 @@ def apply_streamed_rows(x, out, start, rows, width, center, scale, shift):
 
 @overload(apply_streamed_rows, inline="always")
 def _apply_streamed_rows_checked(x, out, start, rows, width, center, scale, shift):
-    if never_streams(out):
+    if _never_streams(out):
 
         def refuse(x, out, start, rows, width, center, scale, shift):
             raise ValueError("apply_streamed_rows: nothing streams in place or on this host")
@@ -1449,7 +1449,7 @@ def streamed_rows_skew(x, out, start, width):
 
 @overload(streamed_rows_skew, inline="always")
 def _streamed_rows_skew(x, out, start, width):
-    if never_streams(out):
+    if _never_streams(out):
         return lambda x, out, start, width: -1
 
     def skew(x, out, start, width):
@@ -1467,7 +1467,7 @@ def apply_run(x, out, start, stop, center, scale, shift):
 
 @overload(apply_run)
 def _apply_run(x, out, start, stop, center, scale, shift):
-    if never_streams(out):
+    if _never_streams(out):
         return lambda x, out, start, stop, center, scale, shift: apply_reversed(
             x, out, start, stop, center, scale, shift
         )
@@ -1489,7 +1489,7 @@ def fence_streams(x, out):
 
 @overload(fence_streams, inline="always")
 def _fence_streams(x, out):
-    if never_streams(out):
+    if _never_streams(out):
         return lambda x, out: None
 
     def fence(x, out):
