@@ -293,13 +293,14 @@ def _empty_in_order(x: np.ndarray, geometry: Geometry, channels_last: bool) -> n
     return np.moveaxis(_output_pool.empty(np.moveaxis(x, *axes).shape, x.dtype), *axes[::-1])
 
 
-def _plan(geometry: Geometry, channels_last: bool, in_place_itemsize: int = 0) -> _schedule.Plan:
-    """``in_place_itemsize``: the itemsize of an in-place group norm (whose units may then be
-    normalized cooperatively), else 0."""
+def _plan(
+    geometry: Geometry, channels_last: bool, itemsize: int = 0, in_place: bool = False
+) -> _schedule.Plan:
+    """``itemsize``: of a group norm's values (whose units may then be normalized cooperatively),
+    0 for the moments alone; ``in_place``: a group norm in place."""
     n, c, s, g = geometry.num_samples, geometry.channels, geometry.spatial, geometry.num_groups
-    if channels_last:
-        return _schedule.plan(n, s * c, s * c * in_place_itemsize)
-    return _schedule.plan(n * g, (c // g) * s, (c // g) * s * in_place_itemsize)
+    units, unit_elements = (n, s * c) if channels_last else (n * g, (c // g) * s)
+    return _schedule.plan(units, unit_elements, unit_elements * itemsize, in_place)
 
 
 def _partial_moments(flat, geometry, channels_last, parts, sum_type, serial=False):
@@ -433,7 +434,7 @@ def _choose(kernels, geometry, channels_last, source, in_place, sum_type):
     one after the other by all threads (cooperative): see ``_schedule``. A parallel kernel is
     given the addresses of the functions its threads call."""
     small = source.size < _schedule.SERIAL_ELEMENTS
-    plan = None if small else _plan(geometry, channels_last, source.itemsize if in_place else 0)
+    plan = None if small else _plan(geometry, channels_last, source.itemsize, in_place)
     if small or not plan.parallel:
         sums = (sum_type,) if kernels.serial_sums else ()
         return kernels.serial, (), kernels.serial_dims, sums

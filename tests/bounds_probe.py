@@ -82,7 +82,7 @@ def check(rng, shape, groups, layout, dtype, in_place) -> str:
         return str(_schedule.SERIAL)
     geometry = check_geometry(x.shape, groups, layout)
     channels_last = geometry.channels_last and geometry.spatial > 1
-    return str(api._plan(geometry, channels_last, x.itemsize if in_place else 0))
+    return str(api._plan(geometry, channels_last, x.itemsize, in_place))
 
 
 def main() -> None:

@@ -78,24 +78,32 @@ def _assert_matches_reference(x, groups, layout):
 
 
 @pytest.mark.parametrize(
-    ("units", "unit_elements", "expected", "itemsize"),
+    ("units", "unit_elements", "expected", "itemsize", "in_place"),
     [
-        (1, 16 * 128 * 128, _schedule.Plan(True, 2, 1), 0),  # one big group: split in two
-        (1, 4 * 128 * 128, _schedule.SERIAL, 0),  # one group too small to split: no launch
-        (3, 6 * 64 * 64, _schedule.Plan(True, 1, 2), 0),  # parts would be under MIN_PART_ELEMENTS
-        (3, 1 << 18, _schedule.Plan(True, 2, 2), 0),  # 3 units on 2 threads: halves even it out
-        (32, 64 * 49, _schedule.Plan(True, 1, 2), 0),  # many units: one run of them per thread
+        (1, 16 * 128 * 128, _schedule.Plan(True, 2, 1), 0, False),  # one big group: split in two
+        (1, 16 * 128 * 128, _schedule.Plan(True, 2, 1), 4, False),  # so it is allocating
+        (1, 4 * 128 * 128, _schedule.SERIAL, 0, False),  # one group too small to split: no launch
+        (3, 6 * 64 * 64, _schedule.Plan(True, 1, 2), 4, True),  # parts under MIN_PART_ELEMENTS
+        (3, 1 << 18, _schedule.Plan(True, 2, 2), 4, False),  # 3 units on 2 threads: halves even out
+        (32, 64 * 49, _schedule.Plan(True, 1, 2), 4, True),  # many units: a run of them per thread
         # In place, units of more than 1 MiB: all threads on one unit after the other.
-        (64, 16 * 112 * 112, _schedule.Plan(True, 2, 2, True), 8),  # the seed in float64
-        (64, 16 * 112 * 112, _schedule.Plan(True, 1, 2), 4),  # in float32: 0.8 MB samples
-        (1, 8 * 256 * 256, _schedule.Plan(True, 2, 2, True), 4),  # one sample: instead of a split
-        (8, 4 * 512 * 512, _schedule.Plan(True, 2, 2, True), 4),  # NCHW (1, 32, 512, 512)/8
+        (64, 16 * 112 * 112, _schedule.Plan(True, 2, 2, True), 8, True),  # the seed in float64
+        (64, 16 * 112 * 112, _schedule.Plan(True, 1, 2), 4, True),  # in float32: 0.8 MB samples
+        (1, 8 * 256 * 256, _schedule.Plan(True, 2, 2, True), 4, True),  # one sample, not a split
+        (8, 4 * 512 * 512, _schedule.Plan(True, 2, 2, True), 4, True),  # NCHW (1, 32, 512, 512)/8
+        # Fewer units than threads, too small to split: together where a part is worth a thread.
+        (1, 64 * 56 * 56, _schedule.Plan(True, 2, 2, True), 4, False),  # 784 KiB, allocating
+        (1, 64 * 56 * 56, _schedule.Plan(True, 2, 2, True), 4, True),  # and in place
+        (1, 8 * 112 * 112, _schedule.Plan(True, 2, 2, True), 4, False),  # 392 KiB
+        (1, 8 * 72 * 72, _schedule.SERIAL, 8, False),  # 324 KiB: serially
+        (1, 4 * 128 * 128, _schedule.SERIAL, 4, True),  # 256 KiB
     ],
 )
-def test_two_thread_plans(units, unit_elements, expected, itemsize):
-    """The shapes above take the paths their comments say (the plan for 2 threads; ``itemsize``:
-    an NHWC group norm in place)."""
-    assert _schedule._parallel_plan(units, unit_elements, 2, unit_elements * itemsize) == expected
+def test_two_thread_plans(units, unit_elements, expected, itemsize, in_place):
+    """The shapes above take the paths their comments say (the plan for 2 threads of a group norm
+    of ``itemsize`` bytes a value, 0: the moments alone)."""
+    plan = _schedule._parallel_plan(units, unit_elements, 2, unit_elements * itemsize, in_place)
+    assert plan == expected
 
 
 @pytest.mark.parametrize("parts", [2, 3, 5])
@@ -107,7 +115,7 @@ def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
     monkeypatch.setattr(
         _schedule,
         "plan",
-        lambda units, elements, cooperative_bytes=0: _schedule.Plan(True, parts, 1),
+        lambda units, elements, unit_bytes=0, in_place=False: _schedule.Plan(True, parts, 1),
     )
     x = make_input((2, 6, 37, 29), layout, dtype, rng, scale=1e-2, offset=300.0)
     weight, bias = _affine(rng, 6, True)
@@ -118,6 +126,39 @@ def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
     grouped = to_channels_first(x.astype(np.float64), layout).reshape(2, 3, -1)
     np.testing.assert_allclose(mean, grouped.mean(-1), rtol=1e-14)
     np.testing.assert_allclose(var, grouped.var(-1), rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("shape", "groups"),
+    [
+        ((1, 64, 7, 7), 2),  # windows of channels
+        ((2, 20, 8, 8), 4),  # simd.apply_channels
+        ((1, 24, 20, 20), 2),  # rows of a 2-D view in place, a loop per channel out of place
+        ((1, 6, 300), 2),  # long channels
+        ((3, 40), 2),  # one value a channel
+    ],
+)
+@pytest.mark.parametrize("cooperative", [False, True])
+@pytest.mark.parametrize("parts", [2, 3, 5])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_parts_of_slabs_cut_through_channels(rng, monkeypatch, shape, groups, cooperative, parts,
+                                              dtype):  # fmt: skip
+    """NCHW parts of a slab start and end inside channels (and windows of them): the channels
+    wholly inside a part take the slab kernels' paths, the pieces at its ends a run each; split
+    and cooperative, in place and not, with weights of their own per channel and without."""
+    plan = (
+        _schedule.Plan(True, parts, parts, True) if cooperative else _schedule.Plan(True, parts, 1)
+    )
+    _force_plan(monkeypatch, plan)
+    x = make_input(shape, "NCHW", dtype, rng, scale=1e-2, offset=300.0)
+    for affine in (True, False):
+        weight, bias = _affine(rng, shape[1], affine)
+        expected = reference_group_norm(x, groups, weight, bias, 1e-5, "NCHW")
+        atol = tolerance(dtype)
+        np.testing.assert_allclose(nbgn.group_norm(x, groups, weight, bias), expected, atol=atol)
+        work = x.copy()
+        nbgn.group_norm(work, groups, weight, bias, out=work)
+        np.testing.assert_allclose(work, expected, atol=atol)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -132,7 +173,7 @@ def test_cooperative_path(rng, num_samples, dtype, layout):
     unit = 8 * 192 * 192 if layout == "NCHW" else c * 192 * 192
     units = n * 4 if layout == "NCHW" else n
     assert unit * np.dtype(dtype).itemsize > _schedule.COOPERATIVE_BYTES
-    plan = _schedule.plan(units, unit, unit * np.dtype(dtype).itemsize)
+    plan = _schedule.plan(units, unit, unit * np.dtype(dtype).itemsize, in_place=True)
     assert plan.cooperative == (numba.get_num_threads() > 1)
     first = rng.standard_normal(shape) + 3e3
     first[-1, 8:16] = 7.25  # the last sample's group 1: constant
@@ -328,7 +369,9 @@ def _force_plan(monkeypatch, plan):
     they would run serially."""
     if plan is not None:
         monkeypatch.setattr(_schedule, "SERIAL_ELEMENTS", 0)
-        monkeypatch.setattr(_schedule, "plan", lambda units, elements, cooperative_bytes=0: plan)
+        monkeypatch.setattr(
+            _schedule, "plan", lambda units, elements, unit_bytes=0, in_place=False: plan
+        )
 
 
 def _assert_normalizes_at_offsets(rng, shape, groups, dtype, skips, offset=0.0):

@@ -346,6 +346,18 @@ def finish_moments(partial, refs, num_parts):
 
 
 @numba.njit(inline="always")
+def merged_moments(partial, refs, num_parts, row, eps, stats):
+    """``(mean_hi, mean_lo, rstd)`` of (sample, group) row ``row`` of ``refs``, its ``num_parts``
+    moments in ``partial`` merged (see ``finalize_group``); ``stats`` is ``(1, 3)`` float64 scratch."""
+    stats[0] = 0.0
+    merge_parts(partial, row * num_parts, num_parts, stats, 0)
+    mean_hi, mean_lo, _, rstd = finalize_group(
+        refs[row], stats[0, COUNT], stats[0, OFFSET], stats[0, M2], eps
+    )
+    return mean_hi, mean_lo, rstd
+
+
+@numba.njit(inline="always")
 def merged_group_coefficients(partial, refs, num_parts, row, num_groups, channels_per_group, weight,
                               bias, eps, stats, coefficients, first_row):  # fmt: skip
     """Merge the ``num_parts`` moments of (sample, group) row ``row`` of ``refs`` and write its
@@ -356,11 +368,7 @@ def merged_group_coefficients(partial, refs, num_parts, row, num_groups, channel
     a ``(1, 3)`` float64 scratch. Every part of a split group computes this for itself: a few
     flops per channel, cheaper than a serial pass between the two parallel ones.
     """
-    stats[0] = 0.0
-    merge_parts(partial, row * num_parts, num_parts, stats, 0)
-    mean_hi, mean_lo, _, rstd = finalize_group(
-        refs[row], stats[0, COUNT], stats[0, OFFSET], stats[0, M2], eps
-    )
+    mean_hi, mean_lo, rstd = merged_moments(partial, refs, num_parts, row, eps, stats)
     first_channel = (row % num_groups) * channels_per_group
     fold_group(coefficients, first_row, first_channel, channels_per_group, mean_hi, mean_lo, rstd,
                weight, bias)  # fmt: skip

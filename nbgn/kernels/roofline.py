@@ -154,7 +154,7 @@ def two_pass_floor(x: np.ndarray, num_units: int, factor: float = 1.0) -> float:
     flat = x.reshape(-1)
     typed_factor = x.dtype.type(factor)
     unit_length = x.size // num_units
-    plan = _schedule.plan(num_units, unit_length, unit_length * x.itemsize)
+    plan = _schedule.plan(num_units, unit_length, unit_length * x.itemsize, in_place=True)
     sums = np.empty(num_units * plan.parts)
     if not plan.parallel:
         floor_whole_serial(flat, num_units, 1, typed_factor, sums)
