@@ -13,14 +13,14 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
   threads would finish unevenly, each unit is split into ``parts``: one call runs a parallel loop
   over the parts' moments, and a second one that normalizes each part in reverse, with its unit's
   moments merged exactly (Chan), so that what the first loop left in the caches is reused. Parts
-  smaller than ``MIN_PART_ELEMENTS`` are not worth a thread; a single unit not worth splitting runs
-  serially.
+  smaller than ``MIN_PART_ELEMENTS`` are not worth two launches; a single unit not worth
+  splitting runs serially, unless all threads take it together (below).
 - In place, units larger than a core's L2 (``COOPERATIVE_BYTES``) are normalized one after the
   other by all threads together, a part each, waiting for each other's moments once a unit: each
   thread's second read then comes from its own L2 rather than from L3 or memory.
 - So are units fewer than threads but too small to split into parts (in place or not), where
-  each thread's part would be at least ``MIN_COOPERATIVE_PART_BYTES``: one launch, where the
-  split kernel takes two, and the parts' moments meet on atomic counters.
+  each thread's part would be at least ``MIN_COOPERATIVE_PART_BYTES``: one launch where the
+  split kernel takes two, the parts' moments meeting on atomic counters.
 - NCHW slabs of short channels with their own weights, whole windows of a vector's worth of
   channels, go a window at a time with permuted coefficients (``nchw.windows_fit``); other float32
   slabs of many short channels go through per-group weight patterns (``channel_patterns``): one

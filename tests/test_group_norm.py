@@ -194,6 +194,30 @@ def test_cooperative_path(rng, num_samples, dtype, layout):
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_one_unit_too_small_to_split(rng, dtype, layout):
+    """One image whose single unit (an NHWC sample, an NCHW slab of one group) is too small for
+    the split kernel's parts but worth a thread a part: all threads normalize it together,
+    allocating, into ``out=`` and in place, far from zero."""
+    shape, groups = ((1, 64, 56, 56), 32) if layout == "NHWC" else ((1, 8, 112, 112), 1)
+    x = make_input(shape, layout, dtype, rng, scale=1e-2, offset=-7e2)
+    unit = x.size
+    plan = _schedule.plan(1, unit, unit * x.itemsize, in_place=False)
+    assert unit < 2 * _schedule.MIN_PART_ELEMENTS
+    assert plan.cooperative == (numba.get_num_threads() > 1)
+    weight, bias = _affine(rng, shape[1], True)
+    expected = reference_group_norm(x, groups, weight, bias, 1e-5, layout)
+    atol = tolerance(dtype)
+    out = np.empty_like(x)
+    np.testing.assert_allclose(nbgn.group_norm(x, groups, weight, bias, layout=layout), expected,
+                               atol=atol)  # fmt: skip
+    nbgn.group_norm(x, groups, weight, bias, layout=layout, out=out)
+    np.testing.assert_allclose(out, expected, atol=atol)
+    nbgn.group_norm(x, groups, weight, bias, layout=layout, out=x)
+    np.testing.assert_allclose(x, expected, atol=atol)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize(("threads", "parts"), [(1, 2), (1, 3), (2, 3)])
 def test_cooperative_parts_of_threads_that_never_start(rng, threads, parts, layout):
     """A threading layer may run the cooperative kernels' loop bodies one after another on one
