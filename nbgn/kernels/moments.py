@@ -207,6 +207,21 @@ def finalize_group(ref, count, offset, m2, eps):
 
 
 @numba.njit(inline="always")
+def finalize_rows(finals, count, eps):
+    """``finalize_group`` of every column ``g`` of ``finals``, ``(3, G)`` float64 holding each
+    group's ``ref``, ``offset`` and ``m2`` (all of ``count`` values), replaced by its ``mean_hi``,
+    ``mean_lo`` and ``rstd``. A loop of nothing else, so that the groups' divisions and square
+    roots overlap (or share vectors), where a loop that also sums and folds each group waits for
+    them one group at a time."""
+    for g in range(finals.shape[1]):
+        mean_hi, mean_lo, _, rstd = finalize_group(finals[0, g], count, finals[1, g],
+                                                   finals[2, g], eps)  # fmt: skip
+        finals[0, g] = mean_hi
+        finals[1, g] = mean_lo
+        finals[2, g] = rstd
+
+
+@numba.njit(inline="always")
 def rounded_mean(mean_hi, mean_lo, like):
     """``(center, residual)``: the mean ``mean_hi + mean_lo`` rounded to ``like``'s dtype, and
     what the rounding dropped (float64)."""

@@ -55,7 +55,7 @@ from .moments import (
     contiguous_moments,
     destination,
     finalize_group,
-    fold_channel,
+    finalize_rows,
     fold_group,
     merge_shifted_sums,
     merged_group_coefficients,
@@ -744,6 +744,7 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
     coefficients_memory = np.empty((3, width), x.dtype)  # per lane: center, scale, shift
     # Each lane's offset from its group's first value (lane j holds channel j % C).
     group_first_memory = np.empty(width, np.int64)
+    finals_memory = np.empty((3, num_groups))
     # No reference counts in the loops: see refcounts.
     x = borrowed(x)
     out = borrowed(out)
@@ -752,6 +753,7 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
     lanes = borrowed(lanes_memory)
     coefficients = borrowed(coefficients_memory)
     group_first = borrowed(group_first_memory)
+    finals = borrowed(finals_memory)
     pivot, s1, s2 = lanes[0], lanes[1], lanes[2]
     center, scale, shift = coefficients[0], coefficients[1], coefficients[2]
     for lane in range(width):
@@ -818,11 +820,17 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
                 mean_shift = group_s1 / count
                 offset = (mean - ref) + mean_shift
                 m2 = group_s2 - group_s1 * mean_shift
-            mean_hi, mean_lo, _, rstd = finalize_group(ref, count, offset, m2, eps)
-            for c in range(first, first + channels_per_group):
-                center[c], scale[c], shift[c] = fold_channel(
-                    mean_hi, mean_lo, rstd, weight[c], bias[c], x
-                )
+            finals[0, g] = ref
+            finals[1, g] = offset
+            finals[2, g] = m2
+        # The groups' divisions and square roots in a loop of their own, where they overlap
+        # across groups (moments.finalize_rows): (256, 64, 4, 4)/8 float32 in place, one thread,
+        # 92 -> 74 us; two, 49 -> 39 us (float64 56 -> 47).
+        finalize_rows(finals, count, eps)
+        for g in range(num_groups):
+            first = g * channels_per_group
+            fold_group(coefficients, first, first, channels_per_group, finals[0, g], finals[1, g],
+                       finals[2, g], weight, bias)  # fmt: skip
         for lane in range(channels, width):
             center[lane] = center[lane - channels]
             scale[lane] = scale[lane - channels]
@@ -844,7 +852,7 @@ def normalize_small_samples(x, out, first_sample, stop_sample, spatial, channels
             target = destination(source, out, row_start, row_stop)
             for j in range(row_stop - row_start):
                 target[j] = (source[j] - center[j]) * scale[j] + shift[j]
-    keep_alive((lanes_memory, coefficients_memory, group_first_memory))
+    keep_alive((lanes_memory, coefficients_memory, group_first_memory, finals_memory))
 
 
 @cached_njit()
