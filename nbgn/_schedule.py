@@ -11,24 +11,26 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
   kill it (``_threading.serial_only``).
 - When there are fewer units than threads (one image at inference, one group), or so few that the
   threads would finish unevenly, each unit is split into ``parts``: one call runs a parallel loop
-  over the parts' moments, and a second one that normalizes each part in reverse, with its unit's
-  moments merged exactly (Chan), so that what the first loop left in the caches is reused. Parts
+  over the parts' moments, and a second one that normalizes each part (in place in reverse, so
+  that what the first loop left in the caches is reused), with its unit's moments merged exactly
+  (Chan). Parts
   smaller than ``MIN_PART_ELEMENTS`` are not worth two launches; a single unit not worth
-  splitting runs serially, unless all threads take it together (below).
+  splitting runs serially, unless several threads take it together (below).
 - In place, units larger than a core's L2 (``COOPERATIVE_BYTES``) are normalized one after the
   other by all threads together, a part each, waiting for each other's moments once a unit: each
   thread's second read then comes from its own L2 rather than from L3 or memory.
-- So are units fewer than threads but too small to split into parts (in place or not), where
-  each thread's part would be at least ``MIN_COOPERATIVE_PART_BYTES``: one launch where the
-  split kernel takes two, the parts' moments meeting on atomic counters.
+- So, by as many threads as get a part of ``MIN_COOPERATIVE_PART_BYTES`` or more, are units
+  fewer than threads but too small to split into parts (in place or not), where that makes more
+  threads than units: one launch where the split kernel takes two, the parts' moments meeting on
+  atomic counters.
 - NCHW slabs of short channels with their own weights, whole windows of a vector's worth of
   channels, go a window at a time with permuted coefficients (``nchw.windows_fit``); other float32
   slabs of many short channels go through per-group weight patterns (``channel_patterns``): one
   flat loop per slab instead of one per channel.
 - Out of place, where input and output together fill three quarters of the L3 or more
   (``simd.streams``, decided inside the kernels from the arrays' sizes), NCHW channels of more
-  than ``nchw.SHORT_CHANNEL`` values, slabs whose channels share one weight and bias, the parts
-  of split slabs, and NHWC samples and parts (not samples of at most ``nhwc.SMALL_SAMPLE``
+  than ``nchw.SHORT_CHANNEL`` values, slabs whose channels share one weight and bias, and NHWC
+  samples and parts (not samples of at most ``nhwc.SMALL_SAMPLE``
   values, nor ranges of a few positions, whose rows are not whole 64-byte lines) are written with
   non-temporal stores: ``2 * itemsize`` bytes per element to and from memory, where ordinary
   stores read the output's lines first (``3 * itemsize``).
@@ -64,12 +66,14 @@ MIN_PART_ELEMENTS = 1 << 17
 #: 752 -> 667 us. Smaller units together were slower (0.8 MB NHWC samples, 0.4 MB NCHW slabs). A
 #: single unit: as fast as the split kernel, in one launch instead of two. Not out of place: into a
 #: warm output it gained little, into a new one NHWC lost 18% (two threads taking the OS's fresh
-#: pages of one unit at once).
+#: pages of one unit at once); but see ``MIN_COOPERATIVE_PART_BYTES`` for units too small to split.
 COOPERATIVE_BYTES = 1 << 20
 
-#: Fewer units than threads, too small for parts of ``MIN_PART_ELEMENTS``, are normalized by all
-#: threads together (``cooperative``) where each thread's part is at least this many bytes; else
-#: serially. Two threads against one, one sample of (1, 8, H, W)/1 (NCHW and NHWC alike): 392 KiB
+#: Fewer units than threads, too small for parts of ``MIN_PART_ELEMENTS``, are normalized one
+#: after the other by threads together (``cooperative``), as many as get a part of at least this
+#: many bytes, where they outnumber the units; else a unit per thread (``fused``), or serially. In
+#: place, one unit of 392 KiB gained nothing, but every larger one did. Two threads against one,
+#: one sample of (1, 8, H, W)/1 (NCHW and NHWC alike): 392 KiB
 #: of float32, allocating 10.4 -> 8.3 us, in place 6.8 -> 6.9; 800 KiB, 24.0 -> 13.1 and 13.9 ->
 #: 9.6; float64, 400 KiB, 11.8 -> 8.3 and 7.4 -> 7.2; 324 KiB, 8.6 -> 8.5 and 6.6 -> 6.7; 256
 #: KiB, 6.9 -> 7.4 and 5.7 -> 6.4. (1, 64, 56, 56)/32 NHWC float32, 784 KiB: 23.5 -> 12.8 and
@@ -120,8 +124,9 @@ def _parallel_plan(
         return Plan(parallel=True, parts=threads, chunks=threads, cooperative=True)
     parts = num_parts(units, unit_elements, threads)
     if units < threads and parts == 1:
+        # Fewer helpers than units would give each more than the fused plan's unit a thread.
         helpers = min(threads, unit_bytes // MIN_COOPERATIVE_PART_BYTES)
-        if helpers > 1:
+        if helpers > units:
             return Plan(parallel=True, parts=helpers, chunks=helpers, cooperative=True)
     if units == 1 and parts == 1:
         return SERIAL  # one unit, not worth splitting: a parallel launch would run one chunk

@@ -430,8 +430,8 @@ def _choose(kernels, geometry, channels_last, source, in_place, sum_type):
     tail), as ``_KnownCall`` has them (``head``: the callees' addresses, empty for a serial one).
 
     Serial below ``_schedule.SERIAL_ELEMENTS``, whatever the threads, without asking for a plan;
-    else one unit per thread (fused), units split into parts when they are fewer, or large units
-    one after the other by all threads (cooperative): see ``_schedule``. A parallel kernel is
+    else one unit per thread (fused), units split into parts when they are fewer, or units one
+    after the other by several threads (cooperative): see ``_schedule``. A parallel kernel is
     given the addresses of the functions its threads call."""
     small = source.size < _schedule.SERIAL_ELEMENTS
     plan = None if small else _plan(geometry, channels_last, source.itemsize, in_place)

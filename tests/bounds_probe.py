@@ -8,7 +8,7 @@ are not covered: they index raw pointers.
 
 Small inputs reach the parallel paths by lowering ``_schedule``'s thresholds: every size then
 runs serially (the defaults), and again with fused, split and cooperative parallel plans, in place
-and allocating, each result compared with the float64 reference. Prints one line per path taken
+and allocating (cooperative too), each result compared with the float64 reference. Prints one line per path taken
 and ``ok``.
 """
 
@@ -55,11 +55,22 @@ CASES = [
     ((1, 48, 30, 30), 6),
     ((1, 3, 40, 40), 1),
     ((1, 2048, 2, 2), 32),
+    ((1, 48, 7, 7), 1),
+    ((1, 10, 9, 9), 1),
+    ((1, 20, 17, 19), 1),
 ]
 
 #: Thresholds low enough that these sizes run in parallel: fused (several units), split (one
 #: unit) and, in place, cooperative (units above a kilobyte).
 PARALLEL = {"SERIAL_ELEMENTS": 0, "MIN_PART_ELEMENTS": 64, "COOPERATIVE_BYTES": 1024}
+
+#: And cooperative for units fewer than threads, too small to split, in place or not.
+TOGETHER = {
+    "SERIAL_ELEMENTS": 0,
+    "MIN_PART_ELEMENTS": 1 << 30,
+    "COOPERATIVE_BYTES": 1 << 30,
+    "MIN_COOPERATIVE_PART_BYTES": 256,
+}
 
 
 def check(rng, shape, groups, layout, dtype, in_place) -> str:
@@ -82,13 +93,13 @@ def check(rng, shape, groups, layout, dtype, in_place) -> str:
         return str(_schedule.SERIAL)
     geometry = check_geometry(x.shape, groups, layout)
     channels_last = geometry.channels_last and geometry.spatial > 1
-    return str(api._plan(geometry, channels_last, x.itemsize, in_place))
+    return f"{api._plan(geometry, channels_last, x.itemsize, in_place)} in_place={in_place}"
 
 
 def main() -> None:
     rng = np.random.default_rng(4807)
     plans = set()
-    for thresholds in ({}, PARALLEL):
+    for thresholds in ({}, PARALLEL, TOGETHER):
         for name, value in thresholds.items():
             setattr(_schedule, name, value)
         _schedule._parallel_plan.cache_clear()

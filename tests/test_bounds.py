@@ -37,6 +37,7 @@ def test_kernels_stay_in_bounds(tmp_path):
     assert any("parallel=False" in plan for plan in plans)
     if numba.get_num_threads() < 2:
         pytest.skip("one thread: the parallel plans were not reached")
-    assert any("cooperative=True" in plan for plan in plans)
+    assert any("cooperative=True" in plan and "in_place=True" in plan for plan in plans)
+    assert any("cooperative=True" in plan and "in_place=False" in plan for plan in plans)
     assert any("parts=1" in plan and "parallel=True" in plan for plan in plans)
     assert any("parts=2" in plan and "cooperative=False" in plan for plan in plans)

@@ -106,6 +106,22 @@ def test_two_thread_plans(units, unit_elements, expected, itemsize, in_place):
     assert plan == expected
 
 
+@pytest.mark.parametrize(
+    ("units", "threads", "expected"),
+    [
+        (1, 8, _schedule.Plan(True, 2, 2, True)),  # 400 KB: two parts of at least 192 KiB
+        (3, 4, _schedule.Plan(True, 1, 3)),  # two helpers for three units: a unit a thread
+        (2, 4, _schedule.Plan(True, 1, 2)),  # two helpers for two: as many, without the waits
+        (1, 4, _schedule.Plan(True, 2, 2, True)),
+    ],
+)
+def test_plans_of_fewer_units_than_threads(units, threads, expected):
+    """Units of 100,000 float32 values (400 KB), too small to split, fewer than ``threads``:
+    together only where that makes more threads than the fused plan's one a unit."""
+    plan = _schedule._parallel_plan(units, 100_000, threads, 400_000, False)
+    assert plan == expected
+
+
 @pytest.mark.parametrize("parts", [2, 3, 5])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -131,9 +147,10 @@ def test_split_kernels_merge_exactly(rng, monkeypatch, parts, layout, dtype):
 @pytest.mark.parametrize(
     ("shape", "groups"),
     [
-        ((1, 64, 7, 7), 2),  # windows of channels
+        ((1, 64, 7, 7), 2),  # windows of channels (parts of whole windows, or of pieces)
+        ((1, 64, 7, 7), 1),  # windows and pieces in one part
         ((2, 20, 8, 8), 4),  # simd.apply_channels
-        ((1, 24, 20, 20), 2),  # rows of a 2-D view in place, a loop per channel out of place
+        ((1, 50, 17, 19), 2),  # rows of a 2-D view in place, a loop per channel out of place
         ((1, 6, 300), 2),  # long channels
         ((3, 40), 2),  # one value a channel
     ],
@@ -641,7 +658,8 @@ def test_channel_patterns_path(rng, shape, groups):
     (serial, then parallel on 2+ threads; samples of a group in pairs and alone), far from zero,
     with a constant group (exactly bias, eps=0) and a NaN group (all NaN) among normal ones."""
     n, c = shape[:2]
-    plan = _schedule.plan(n * groups, c // groups * shape[2] * shape[3])
+    unit = c // groups * shape[2] * shape[3]
+    plan = _schedule.plan(n * groups, unit, unit * 4)
     assert _schedule.channel_patterns(n, c // groups, shape[2] * shape[3], 4)
     large = np.prod(shape) >= _schedule.SERIAL_ELEMENTS
     assert plan.parallel == (large and numba.get_num_threads() > 1)

@@ -12,7 +12,7 @@ CASES = {
     # (simd.streams); NCHW channels of 49 values are too short to, and go through the caches.
     "late_layers_batch64": ((64, 2048, 7, 7), 32),
     "big_image": ((1, 32, 512, 512), 8),
-    # One image at inference: an NHWC sample (784 KiB in float32) is a single unit, which all
+    # One image at inference: an NHWC sample (784 KiB in float32) is a single unit, which the
     # threads normalize together.
     "one_image": ((1, 64, 56, 56), 32),
     "tiny": ((2, 8, 4, 4), 4),

@@ -16,7 +16,8 @@ slabs), a window at a time (``normalize_windows``); otherwise a channel at a tim
 vector to ``SHORT_CHANNEL`` values by ``simd.apply_channels``, shorter ones as rows of a 2-D view
 (``normalize_rows``), and many short float32 channels of several samples by a flat loop against
 per-group patterns of weight and bias. In place, slabs larger than a core's L2 go one after the
-other, each by all threads together (``group_norm_cooperative``).
+other, each by all threads together (``group_norm_cooperative``); so do slabs fewer than threads
+and too small to split (``_schedule.MIN_COOPERATIVE_PART_BYTES``), in place or not.
 
 Bytes moved per element (``b`` = itemsize): ``normalize_slabs`` reads a slab once for the moments and
 normalizes it while it is still in L2, so it moves ``2b`` to and from memory when the slab fits in L2
@@ -372,6 +373,35 @@ FORWARD_SLAB_BYTES = 512 << 10
 
 
 @numba.njit(inline="always")
+def forward_order(x, out, length):
+    """Whether runs of ``length`` values that the moments just read go first run first: out of
+    place (see ``simd``'s notes), save beyond ``FORWARD_SLAB_BYTES``, whose tail the moments left
+    in L2; in place the last first."""
+    return out is not None and length * x.itemsize <= FORWARD_SLAB_BYTES
+
+
+@numba.njit(inline="always")
+def normalize_pieces(x, out, slab_start, begin, end, spatial, first_channel, mean_hi, mean_lo,
+                     rstd, weight, bias, forward):  # fmt: skip
+    """Normalize values ``[begin, end)`` of a slab from flat ``slab_start`` a run per channel (or
+    piece of one), each with its own fold, the first run first if ``forward`` (see
+    ``forward_order``), else the last."""
+    position = begin if forward else end
+    while (position < end) if forward else (position > begin):
+        if forward:
+            run_start = position
+            run_stop = min(end, (position // spatial + 1) * spatial)
+        else:
+            run_stop = position
+            run_start = max(begin, ((position - 1) // spatial) * spatial)
+        channel = first_channel + run_start // spatial
+        center, scale, shift = fold_channel(mean_hi, mean_lo, rstd, weight[channel], bias[channel],
+                                            x)  # fmt: skip
+        apply_run(x, out, slab_start + run_start, slab_start + run_stop, center, scale, shift)
+        position = run_stop if forward else run_start
+
+
+@numba.njit(inline="always")
 def normalize_channels(x, out, slab_start, spatial, first_channel, num_channels, mean_hi, mean_lo,
                        rstd, weight, bias, coefficients, table, lanes):  # fmt: skip
     """Normalize a slab's ``num_channels`` channels of ``spatial`` values from flat
@@ -394,17 +424,9 @@ def normalize_channels(x, out, slab_start, spatial, first_channel, num_channels,
         normalize_rows(x, out, slab_start, spatial, first_channel, num_channels, mean_hi, mean_lo,
                        rstd, weight, bias, coefficients)  # fmt: skip
     else:
-        # In place the last channel first; out of place the first (see simd's notes), save in
-        # slabs larger than FORWARD_SLAB_BYTES, whose tail the moments left in L2.
-        forward = out is not None and num_channels * spatial * x.itemsize <= FORWARD_SLAB_BYTES
-        for step in range(num_channels):
-            k = step if forward else num_channels - 1 - step
-            channel = first_channel + k
-            center, scale, shift = fold_channel(
-                mean_hi, mean_lo, rstd, weight[channel], bias[channel], x
-            )
-            apply_run(x, out, slab_start + k * spatial, slab_start + (k + 1) * spatial, center,
-                      scale, shift)  # fmt: skip
+        normalize_pieces(x, out, slab_start, 0, num_channels * spatial, spatial, first_channel,
+                         mean_hi, mean_lo, rstd, weight, bias,
+                         forward_order(x, out, num_channels * spatial))  # fmt: skip
 
 
 @cached_njit()
@@ -563,35 +585,13 @@ def _partial_moments(part_moments_at, x, num_samples, channels, spatial, num_gro
 partial_moments, partial_moments_serial = parallel_and_serial(_partial_moments)
 
 
-@numba.njit(inline="always")
-def normalize_pieces(x, out, slab_start, begin, end, spatial, first_channel, mean_hi, mean_lo,
-                     rstd, weight, bias):  # fmt: skip
-    """Normalize values ``[begin, end)`` of a slab from flat ``slab_start`` a run per channel, each
-    with its own fold; in place the last run first, out of place the first (see ``simd``'s
-    notes). For the pieces of channels a part of a slab starts or ends in."""
-    forward = out is not None
-    position = begin if forward else end
-    while (position < end) if forward else (position > begin):
-        if forward:
-            run_start = position
-            run_stop = min(end, (position // spatial + 1) * spatial)
-        else:
-            run_stop = position
-            run_start = max(begin, ((position - 1) // spatial) * spatial)
-        channel = first_channel + run_start // spatial
-        center, scale, shift = fold_channel(mean_hi, mean_lo, rstd, weight[channel], bias[channel],
-                                            x)  # fmt: skip
-        apply_run(x, out, slab_start + run_start, slab_start + run_stop, center, scale, shift)
-        position = run_stop if forward else run_start
-
-
 @cached_njit()
 def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, item, weight, bias,
                eps):  # fmt: skip
     """Normalize part ``item % num_parts`` of slab ``item // num_parts`` with the slab's moments
     merged from ``partial``: the channels (or windows of channels) wholly inside the part as
     ``normalize_slabs`` does (``normalize_channels``), the pieces of channels at its ends a run
-    each (``normalize_pieces``); in place the last first.
+    each (``normalize_pieces``), in the order of ``forward_order``.
 
     A loop of runs alone spent more on each short channel's setup than on its values: one group of
     (1, 2560, 8, 8) float32 in two parts took 23 us against 16 us serially (two threads, in place).
@@ -624,19 +624,19 @@ def apply_part(x, out, partial, refs, channels, spatial, num_groups, num_parts, 
         step = max(lanes, 1) * spatial
         whole_start = min(stop, -(-start // step) * step)
         whole_stop = max(whole_start, (stop // step) * step)
-        # In place the last piece first: the moments left the part's tail in cache.
+        forward = forward_order(x, out, stop - start)
         first_piece, last_piece = (start, whole_start), (whole_stop, stop)
-        if out is None:
+        if not forward:
             first_piece, last_piece = last_piece, first_piece
         normalize_pieces(x, out, slab_start, first_piece[0], first_piece[1], spatial,
-                         first_channel, mean_hi, mean_lo, rstd, weight, bias)  # fmt: skip
+                         first_channel, mean_hi, mean_lo, rstd, weight, bias, forward)  # fmt: skip
         if whole_start < whole_stop:
             normalize_channels(x, out, slab_start + whole_start, spatial,
                                first_channel + whole_start // spatial,
                                (whole_stop - whole_start) // spatial, mean_hi, mean_lo, rstd,
                                weight, bias, coefficients, table, lanes)  # fmt: skip
         normalize_pieces(x, out, slab_start, last_piece[0], last_piece[1], spatial,
-                         first_channel, mean_hi, mean_lo, rstd, weight, bias)  # fmt: skip
+                         first_channel, mean_hi, mean_lo, rstd, weight, bias, forward)  # fmt: skip
     fence_streams(x, out)
     keep_alive((stats_memory, coefficients_memory, table_memory))
 
@@ -712,9 +712,9 @@ def _group_norm_cooperative(together_at, x, out, num_samples, channels, spatial,
                             weight, bias, eps, sum_type, num_threads):  # fmt: skip
     """Normalize the slabs one after the other, each by all ``num_threads`` threads together, a
     part each (``normalize_slabs_together``, at ``together_at``: see ``cooperative_address``);
-    arguments as for ``_group_norm_fused``. For slabs larger than a core's L2: a thread's part is
-    read again from its own L2. One launch; the threads wait for each other once a slab, on atomic
-    counters."""
+    arguments as for ``_group_norm_fused``. For slabs larger than a core's L2 (a thread's part is
+    read again from its own L2), and for slabs fewer than threads, too small to split. One launch;
+    the threads wait for each other once a slab, on atomic counters."""
     num_slabs = num_samples * num_groups
     slab_length = (channels // num_groups) * spatial
     progress, partial, refs, started = cooperative_scratch(x, num_slabs, slab_length, num_threads)

@@ -25,7 +25,8 @@ Work is split into ``num_chunks`` contiguous runs of samples, one per thread, so
 allocates its scratch once rather than once per sample; samples of at most ``SMALL_SAMPLE`` values
 are normalized row by row, without lanes, by a kernel of their own (``group_norm_small``). In place,
 samples larger than a core's L2 go one after the other, each by all threads together
-(``group_norm_cooperative``).
+(``group_norm_cooperative``); so do samples fewer than threads and too small to split
+(``_schedule.MIN_COOPERATIVE_PART_BYTES``), in place or not.
 Parallel loops only call functions compiled on their own (``normalize_samples``,
 ``normalize_small_samples``, ``part_moments``, ``apply_part``, ``normalize_samples_together``), and
 call them through their addresses (``_compile.call_compiled``; the ``*_at`` arguments, as
@@ -1135,9 +1136,9 @@ def _group_norm_cooperative(together_at, x, out, num_samples, spatial, channels,
     """Normalize the samples one after the other, each by all ``num_threads`` threads together,
     a range of positions each (``normalize_samples_together``, at ``together_at``: see
     ``cooperative_address``); arguments as for ``_group_norm_fused``. For samples larger than a
-    core's L2, which a thread alone would read again from L3 or memory: a thread's range is read
-    again from its own L2. One launch; the threads wait for each other once a sample, on atomic
-    counters."""
+    core's L2, which a thread alone would read again from L3 or memory (a thread's range is read
+    again from its own L2), and for samples fewer than threads, too small to split. One launch;
+    the threads wait for each other once a sample, on atomic counters."""
     progress, partial, refs, started = cooperative_scratch(x, num_samples, spatial, channels,
                                                            num_groups, num_threads)  # fmt: skip
     for thread in numba.prange(num_threads):

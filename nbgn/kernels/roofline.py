@@ -143,7 +143,7 @@ def two_pass_floor(x: np.ndarray, num_units: int, factor: float = 1.0) -> float:
     """The floor pass over C-contiguous ``x`` as ``num_units`` equal contiguous units (see the
     module notes), scheduled as nbgn schedules an in-place group norm of such units
     (``_schedule.plan``: serial, whole units per thread, units split into parts, or units one
-    after the other by all threads). Returns the sum of ``x`` before scaling, so that no pass is
+    after the other by several threads). Returns the sum of ``x`` before scaling, so that no pass is
     optimized away.
     """
     _check_contiguous(x, "two_pass_floor")
