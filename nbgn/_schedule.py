@@ -13,9 +13,8 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
   threads would finish unevenly, each unit is split into ``parts``: one call runs a parallel loop
   over the parts' moments, and a second one that normalizes each part (in place in reverse, so
   that what the first loop left in the caches is reused), with its unit's moments merged exactly
-  (Chan). Parts
-  smaller than ``MIN_PART_ELEMENTS`` are not worth two launches; a single unit not worth
-  splitting runs serially, unless several threads take it together (below).
+  (Chan). Parts smaller than ``MIN_PART_ELEMENTS`` are not worth two launches; a single unit not
+  worth splitting runs serially, unless several threads take it together (below).
 - In place, units larger than a core's L2 (``COOPERATIVE_BYTES``) are normalized one after the
   other by all threads together, a part each, waiting for each other's moments once a unit: each
   thread's second read then comes from its own L2 rather than from L3 or memory.
@@ -30,9 +29,8 @@ its L2 cache. That moves the minimum, ``2 * itemsize`` bytes per element, to and
 - Out of place, where input and output together fill three quarters of the L3 or more
   (``simd.streams``, decided inside the kernels from the arrays' sizes), NCHW channels of more
   than ``nchw.SHORT_CHANNEL`` values, slabs whose channels share one weight and bias, and NHWC
-  samples and parts (not samples of at most ``nhwc.SMALL_SAMPLE``
-  values, nor ranges of a few positions, whose rows are not whole 64-byte lines) are written with
-  non-temporal stores: ``2 * itemsize`` bytes per element to and from memory, where ordinary
+  samples and parts (not samples of at most ``nhwc.SMALL_SAMPLE`` values, nor ranges of a few
+  positions, whose rows are not whole 64-byte lines) are written with non-temporal stores: ``2 * itemsize`` bytes per element to and from memory, where ordinary
   stores read the output's lines first (``3 * itemsize``).
 - NCHW slabs of at most ``nchw.SHORT_SLAB`` values (spatial dimensions of a few values, or none)
   are normalized in batches (``nchw.normalize_short_slabs``): a short slab costs the latency of its
@@ -73,11 +71,10 @@ COOPERATIVE_BYTES = 1 << 20
 #: after the other by threads together (``cooperative``), as many as get a part of at least this
 #: many bytes, where they outnumber the units; else a unit per thread (``fused``), or serially. In
 #: place, one unit of 392 KiB gained nothing, but every larger one did. Two threads against one,
-#: one sample of (1, 8, H, W)/1 (NCHW and NHWC alike): 392 KiB
-#: of float32, allocating 10.4 -> 8.3 us, in place 6.8 -> 6.9; 800 KiB, 24.0 -> 13.1 and 13.9 ->
-#: 9.6; float64, 400 KiB, 11.8 -> 8.3 and 7.4 -> 7.2; 324 KiB, 8.6 -> 8.5 and 6.6 -> 6.7; 256
-#: KiB, 6.9 -> 7.4 and 5.7 -> 6.4. (1, 64, 56, 56)/32 NHWC float32, 784 KiB: 23.5 -> 12.8 and
-#: 12.6 -> 8.8.
+#: one sample of (1, 8, H, W)/1 (NCHW and NHWC alike): 392 KiB of float32, allocating 10.4 -> 8.3
+#: us, in place 6.8 -> 6.9; 800 KiB, 24.0 -> 13.1 and 13.9 -> 9.6; float64, 400 KiB, 11.8 -> 8.3
+#: and 7.4 -> 7.2; 324 KiB, 8.6 -> 8.5 and 6.6 -> 6.7; 256 KiB, 6.9 -> 7.4 and 5.7 -> 6.4.
+#: (1, 64, 56, 56)/32 NHWC float32, 784 KiB: 23.5 -> 12.8 and 12.6 -> 8.8.
 MIN_COOPERATIVE_PART_BYTES = 192 << 10
 
 #: With at least this many units per thread, uneven finishing costs at most ~1/8 of a unit each.
